@@ -1,0 +1,111 @@
+"""File helpers shared by the checkpoint formats: atomic folders, safe loading, state-dict checks."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Iterator
+
+import torch
+
+from llamakit.errors import CheckpointError
+
+
+@contextlib.contextmanager
+def atomic_directory(dst: Path, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a temporary sibling folder that is renamed to `dst` only if the block finishes."""
+    dst = Path(dst)
+    if dst.exists() and not overwrite:
+        raise CheckpointError(f"{dst}: already exists; choose a new output path or delete it first")
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dst.with_name(f".{dst.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        yield tmp
+        _fsync_tree(tmp)
+        if dst.exists():  # overwrite: move the old one aside first so dst is never half-written
+            old = dst.with_name(f".{dst.name}.old-{os.getpid()}")
+            os.rename(dst, old)
+            os.rename(tmp, dst)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(tmp, dst)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+@contextlib.contextmanager
+def atomic_file(dst: Path) -> Iterator[Path]:
+    """Yield a temporary path that replaces `dst` only if the block finishes."""
+    dst = Path(dst)
+    tmp = dst.with_name(f".{dst.name}.tmp-{os.getpid()}")
+    try:
+        yield tmp
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, dst)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def _fsync_tree(folder: Path) -> None:
+    for path in folder.rglob("*"):
+        if path.is_file():
+            with open(path, "rb") as f:
+                os.fsync(f.fileno())
+
+
+def write_json(path: Path, data: dict) -> None:
+    path.write_text(json.dumps(data, indent=2) + "\n")
+
+
+def read_json(path: Path) -> dict:
+    """Parse a JSON object, naming the file when it is missing or malformed."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: file not found") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path}: not valid JSON ({e}); the file is damaged or not a config") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path}: expected a JSON object, got {type(data).__name__}")
+    return data
+
+
+def torch_load(path: Path) -> dict[str, torch.Tensor]:
+    """Load a .pth/.bin state dict safely (weights only, no arbitrary unpickling) and lazily (mmap)."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as e:  # pickle errors come in many types; all mean the same to the user
+        raise CheckpointError(f"{path}: cannot load as a PyTorch weights file ({type(e).__name__}: "
+                              f"{str(e).splitlines()[0]}); only plain tensor state dicts are accepted") from None
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path}: expected a dict of tensors, got {type(state).__name__}")
+    return state
+
+
+def check_state_dict(expected: dict[str, torch.Size], state: dict[str, torch.Tensor], where: Path) -> None:
+    """Every expected tensor is present with its shape, and nothing unknown is left over."""
+    missing = sorted(set(expected) - set(state))
+    unknown = sorted(set(state) - set(expected))
+    if missing:
+        raise CheckpointError(f"{where}: missing weights {_short(missing)}; the checkpoint is incomplete "
+                              "or its config.json/params.json describes a different model")
+    if unknown:
+        raise CheckpointError(f"{where}: unknown weights {_short(unknown)}; this is not a Llama checkpoint "
+                              "or its config describes fewer layers than it holds")
+    for name, shape in expected.items():
+        if state[name].shape != shape:
+            raise CheckpointError(f"{where}: weight {name} has shape {tuple(state[name].shape)} but the config "
+                                  f"implies {tuple(shape)}; the config does not match the weights")
+
+
+def _short(names: list[str], limit: int = 4) -> str:
+    more = f" and {len(names) - limit} more" if len(names) > limit else ""
+    return ", ".join(names[:limit]) + more

@@ -1,0 +1,115 @@
+"""Detect a checkpoint's format from its files and load it into a Transformer without double memory."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from llamakit.checkpoint import hf, llama2c, meta
+from llamakit.checkpoint.io import check_state_dict, read_json
+from llamakit.errors import CheckpointError
+from llamakit.model.config import ModelConfig, resolve_dtype
+from llamakit.model.llama import Transformer
+from llamakit.tokenizer import Tokenizer, check_vocab, load_tokenizer
+
+NATIVE_KEY = "llamakit"  # config.json block that marks (and exactly describes) our own format
+NATIVE_VERSION = 1
+
+
+def detect_format(path: str | Path) -> str:
+    """'llamakit', 'hf', 'meta' or 'llama2c', decided from the files' content, never their names."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"{path}: no such file or directory")
+    if path.is_file():
+        if llama2c.read_header(path) is not None:
+            return "llama2c"
+        raise CheckpointError(f"{path}: not a recognised checkpoint file; pass a llama2.c .bin file, or the "
+                              "folder holding config.json (Hugging Face/llamakit) or params.json (Meta)")
+    if (path / "config.json").is_file():
+        return "llamakit" if NATIVE_KEY in read_json(path / "config.json") else "hf"
+    if (path / "params.json").is_file():
+        return "meta"
+    candidates = [p for p in sorted(path.glob("*.bin")) if llama2c.read_header(p) is not None]
+    if len(candidates) == 1:
+        return "llama2c"
+    raise CheckpointError(f"{path}: no checkpoint found; expected config.json + *.safetensors (Hugging Face or "
+                          "llamakit), params.json + consolidated.NN.pth (Meta), or one llama2.c .bin file")
+
+
+def read_checkpoint(path: str | Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
+    """Config and state dict (our names, stored dtype, CPU, memory-mapped where the format allows)."""
+    path = Path(path)
+    fmt = detect_format(path)
+    if fmt == "meta":
+        return meta.read_meta(path)
+    if fmt == "llama2c":
+        return llama2c.read_llama2c(_llama2c_file(path))
+    config = load_config(path)
+    state = {}
+    for name, tensor in hf.read_hf_state(path, config):
+        if name in state:
+            raise CheckpointError(f"{path}: weight {name} appears in two files; the shard index is damaged")
+        state[name] = tensor
+    return config, state
+
+
+def load_config(path: str | Path) -> ModelConfig:
+    """The model configuration of a checkpoint (or, for Meta folders lacking vocab_size, after reading weights)."""
+    path = Path(path)
+    fmt = detect_format(path)
+    if fmt == "llamakit":
+        block = read_json(path / "config.json")[NATIVE_KEY]
+        if block.get("format_version") != NATIVE_VERSION:
+            raise CheckpointError(f"{path / 'config.json'}: llamakit format version {block.get('format_version')} "
+                                  f"is not supported by this llamakit (reads version {NATIVE_VERSION}); upgrade llamakit")
+        return ModelConfig.from_dict(block["model"])
+    if fmt == "hf":
+        return hf.config_from_hf(read_json(path / "config.json"), path / "config.json")
+    if fmt == "llama2c":
+        return llama2c.read_header(_llama2c_file(path))[1]
+    return meta.read_meta(path)[0]
+
+
+def load_model(path: str | Path, dtype: torch.dtype | str | None = None, device: torch.device | str = "cpu") -> Transformer:
+    """A Transformer in eval mode with the checkpoint's weights (dtype None keeps the stored dtype)."""
+    path = Path(path)
+    config, state = read_checkpoint(path)
+    with torch.device("meta"):
+        model = Transformer(config)  # no memory: the loaded tensors become the parameters (assign=True)
+    check_state_dict({k: v.shape for k, v in model.state_dict().items()}, state, path)
+    dtype = resolve_dtype(dtype) or state["embed_tokens.weight"].dtype
+    for name in state:  # one tensor at a time, so converting never holds two copies of the model
+        state[name] = state[name].to(device=device, dtype=dtype)
+    model.load_state_dict(state, assign=True)
+    model.init_buffers()
+    return model.eval().requires_grad_(False)
+
+
+def find_tokenizer(path: str | Path) -> Path | None:
+    """The tokenizer file stored with a checkpoint folder, if any."""
+    path = Path(path)
+    if path.is_dir():
+        for candidate in (path / "tokenizer.model", path / "original" / "tokenizer.model"):
+            if candidate.is_file():
+                return candidate
+    return None
+
+
+def load_checkpoint(path: str | Path, tokenizer: str | Path | None = None, dtype=None,
+                    device: torch.device | str = "cpu") -> tuple[Transformer, Tokenizer]:
+    """Model and tokenizer (given, or found beside the weights), checked to share a vocabulary."""
+    tokenizer_path = tokenizer or find_tokenizer(path)
+    if tokenizer_path is None:
+        raise CheckpointError(f"{path}: no tokenizer.model beside the weights; pass the tokenizer file explicitly")
+    tok = load_tokenizer(tokenizer_path)
+    config = load_config(path)
+    check_vocab(tok, config.vocab_size, str(path))
+    return load_model(path, dtype=dtype, device=device), tok
+
+
+def _llama2c_file(path: Path) -> Path:
+    if path.is_file():
+        return path
+    return next(p for p in sorted(path.glob("*.bin")) if llama2c.read_header(p) is not None)

@@ -1,0 +1,210 @@
+"""Meta's checkpoints: params.json + consolidated.NN.pth, one file per model-parallel rank.
+
+Meta shards each weight the way fairscale's parallel layers split it: column-parallel projections
+(wq wk wv w1 w3 output) along the output dimension, row-parallel ones (wo w2) along the input
+dimension, norms replicated. The embedding is split along its width in Llama 2 (ParallelEmbedding)
+and along the vocabulary in Llama 3 (VocabParallelEmbedding); we tell them apart by shape.
+Meta's RoPE rotates interleaved pairs (x0, x1), ours rotates halves (x_i, x_{i+D/2}): wq and wk rows
+are permuted once here.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Iterator
+
+import torch
+
+from llamakit.checkpoint.io import read_json, torch_load, write_json
+from llamakit.errors import CheckpointError
+from llamakit.model.config import ModelConfig, RopeScaling, meta_ffn_params, meta_hidden_dim
+
+SHARD_PATTERN = re.compile(r"consolidated\.(\d+)\.pth")
+IGNORED_KEYS = ("rope.freqs",)  # precomputed frequencies in Llama 1/2 files; we recompute them
+
+# our suffix -> (Meta suffix, shard dim: 0 column-parallel, 1 row-parallel, None replicated)
+LAYER_KEYS = {
+    "self_attn.q_proj.weight": ("attention.wq.weight", 0),
+    "self_attn.k_proj.weight": ("attention.wk.weight", 0),
+    "self_attn.v_proj.weight": ("attention.wv.weight", 0),
+    "self_attn.o_proj.weight": ("attention.wo.weight", 1),
+    "mlp.gate_proj.weight": ("feed_forward.w1.weight", 0),
+    "mlp.down_proj.weight": ("feed_forward.w2.weight", 1),
+    "mlp.up_proj.weight": ("feed_forward.w3.weight", 0),
+    "input_layernorm.weight": ("attention_norm.weight", None),
+    "post_attention_layernorm.weight": ("ffn_norm.weight", None),
+}
+TOP_KEYS = {"embed_tokens.weight": "tok_embeddings.weight", "norm.weight": "norm.weight",
+            "lm_head.weight": "output.weight"}
+
+
+def meta_to_ours(name: str) -> str | None:
+    """Our parameter name for a Meta key (None if unknown)."""
+    for ours, meta in TOP_KEYS.items():
+        if name == meta:
+            return ours
+    match = re.fullmatch(r"layers\.(\d+)\.(.+)", name)
+    if match:
+        for ours, (meta, _) in LAYER_KEYS.items():
+            if match.group(2) == meta:
+                return f"layers.{match.group(1)}.{ours}"
+    return None
+
+
+def ours_to_meta(name: str) -> tuple[str, int | None]:
+    """(Meta key, shard dim) for one of our parameter names; the embedding's dim is decided by the caller."""
+    if name in TOP_KEYS:
+        return TOP_KEYS[name], {"norm.weight": None, "lm_head.weight": 0}.get(name)
+    prefix, _, suffix = name.partition(".")
+    layer, _, rest = suffix.partition(".")
+    meta, dim = LAYER_KEYS[rest]
+    return f"{prefix}.{layer}.{meta}", dim
+
+
+def interleaved_to_halves(w: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """Reorder wq/wk rows from Meta's interleaved RoPE pairs to the rotate-half layout."""
+    out_features, in_features = w.shape
+    D = out_features // n_heads
+    return w.view(n_heads, D // 2, 2, in_features).transpose(1, 2).reshape(out_features, in_features)
+
+
+def halves_to_interleaved(w: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """Inverse of interleaved_to_halves."""
+    out_features, in_features = w.shape
+    D = out_features // n_heads
+    return w.view(n_heads, 2, D // 2, in_features).transpose(1, 2).reshape(out_features, in_features)
+
+
+def shard_files(folder: Path) -> list[Path]:
+    """consolidated.00.pth .. consolidated.NN.pth, checked to be a complete, contiguous set."""
+    found = sorted((int(m.group(1)), p) for p in folder.iterdir() if (m := SHARD_PATTERN.fullmatch(p.name)))
+    if not found:
+        raise CheckpointError(f"{folder}: params.json found but no consolidated.NN.pth weight files")
+    ranks = [rank for rank, _ in found]
+    if ranks != list(range(len(found))):
+        raise CheckpointError(f"{folder}: shard files are not consolidated.00..{len(found) - 1:02d}.pth "
+                              f"(found ranks {ranks}); a shard is missing")
+    return [p for _, p in found]
+
+
+def config_from_params(folder: Path, vocab_size: int | None = None) -> ModelConfig:
+    """ModelConfig from params.json; `vocab_size` fills Meta's -1 (Llama 1/2 read it from the tokenizer)."""
+    params = read_json(folder / "params.json")
+    known = {"dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "multiple_of", "ffn_dim_multiplier",
+             "norm_eps", "rope_theta", "use_scaled_rope", "max_seq_len", "rope_scaling_factor",
+             "low_freq_factor", "high_freq_factor", "original_max_seq_len", "max_batch_size"}
+    unknown = sorted(set(params) - known)
+    if unknown:
+        raise CheckpointError(f"{folder / 'params.json'}: unknown field(s) {unknown}")
+    if params.get("vocab_size", -1) <= 0:
+        if vocab_size is None:
+            raise CheckpointError(f"{folder / 'params.json'}: vocab_size is -1 and no embedding to read it from")
+        params["vocab_size"] = vocab_size
+    scaling = RopeScaling(factor=params.pop("rope_scaling_factor", 8.0),
+                          low_freq_factor=params.pop("low_freq_factor", 1.0),
+                          high_freq_factor=params.pop("high_freq_factor", 4.0),
+                          original_max_seq_len=params.pop("original_max_seq_len", 8192))
+    params.pop("max_batch_size", None)
+    # params.json has no context length (Meta passes it to Llama.build); this only sizes default caches.
+    params.setdefault("max_seq_len", 131072 if params.get("use_scaled_rope") else 8192
+                      if params.get("rope_theta", 1e4) >= 5e5 else 4096)
+    try:
+        return ModelConfig(**params, rope_scaling=scaling)
+    except TypeError as e:
+        raise CheckpointError(f"{folder / 'params.json'}: {e}") from None
+
+
+def read_meta(folder: Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
+    """Config and merged weights (our names, rotate-half layout) from any number of shards."""
+    width = read_json(folder / "params.json").get("dim")
+    shards = [torch_load(p) for p in shard_files(folder)]
+    merged = {}
+    for key in shards[0]:
+        if key in IGNORED_KEYS:
+            continue
+        name = meta_to_ours(key)
+        if name is None:
+            raise CheckpointError(f"{folder}: unknown weight {key!r} in consolidated.00.pth")
+        merged[name] = _merge(name, [s[key] for s in shards], width, folder)
+    embed = merged.get("embed_tokens.weight")
+    config = config_from_params(folder, vocab_size=None if embed is None else embed.shape[0])
+    tied = "lm_head.weight" not in merged or torch.equal(merged["lm_head.weight"], embed)
+    if tied:  # Meta writes the shared matrix twice for tied models (Llama 3.2); we keep one copy
+        merged.pop("lm_head.weight", None)
+    config = config.replace(tie_word_embeddings=tied)
+    for name in list(merged):
+        if name.endswith("q_proj.weight"):
+            merged[name] = interleaved_to_halves(merged[name], config.n_heads)
+        elif name.endswith("k_proj.weight"):
+            merged[name] = interleaved_to_halves(merged[name], config.kv_heads)
+    return config, merged
+
+
+def _merge(name: str, pieces: list[torch.Tensor], width: int, folder: Path) -> torch.Tensor:
+    """Concatenate one weight's model-parallel pieces along the dimension Meta split it."""
+    if len(pieces) == 1:
+        return pieces[0]
+    if name == "embed_tokens.weight":
+        dim = 0 if pieces[0].shape[1] == width else 1  # full width: split by vocabulary (Llama 3)
+    else:
+        dim = ours_to_meta(name)[1]
+    if dim is None:
+        return pieces[0]
+    try:
+        return torch.cat(pieces, dim=dim)
+    except RuntimeError as e:
+        raise CheckpointError(f"{folder}: cannot merge the shards of {name}: {e}") from None
+
+
+def write_meta(folder: Path, config: ModelConfig, state: dict[str, torch.Tensor], shards: int) -> None:
+    """Write params.json and `shards` consolidated.NN.pth files that Meta's loaders accept."""
+    _check_shardable(config, shards)
+    # Embedding split: by vocabulary (Llama 3) when it divides evenly, else by width (Llama 2).
+    embed_dim = 0 if config.vocab_size % shards == 0 else 1
+    pieces: list[dict[str, torch.Tensor]] = [{} for _ in range(shards)]
+    for name, tensor in _meta_layout(config, state):
+        key, dim = ours_to_meta(name)
+        dim = embed_dim if name == "embed_tokens.weight" else dim
+        for rank in range(shards):
+            part = tensor if dim is None else tensor.chunk(shards, dim=dim)[rank]
+            pieces[rank][key] = part.clone()  # clone: torch.save would store a view's whole storage
+    for rank, piece in enumerate(pieces):
+        torch.save(piece, folder / f"consolidated.{rank:02d}.pth")
+    write_json(folder / "params.json", params_json(config))
+
+
+def _meta_layout(config: ModelConfig, state: dict[str, torch.Tensor]) -> Iterator[tuple[str, torch.Tensor]]:
+    for name, tensor in state.items():
+        if name.endswith("q_proj.weight"):
+            tensor = halves_to_interleaved(tensor, config.n_heads)
+        elif name.endswith("k_proj.weight"):
+            tensor = halves_to_interleaved(tensor, config.kv_heads)
+        yield name, tensor
+    if config.tie_word_embeddings:  # Meta's loaders expect an output matrix even when it is shared
+        yield "lm_head.weight", state["embed_tokens.weight"]
+
+
+def _check_shardable(config: ModelConfig, shards: int) -> None:
+    sizes = {"n_heads": config.n_heads, "n_kv_heads": config.kv_heads, "hidden_dim": config.ffn_hidden_dim,
+             "vocab_size or dim": config.vocab_size if config.vocab_size % shards == 0 else config.dim}
+    bad = [f"{k}={v}" for k, v in sizes.items() if v % shards]
+    if shards < 1 or bad:
+        raise CheckpointError(f"cannot split this model into {shards} shards: {', '.join(bad) or 'shards < 1'} "
+                              "not divisible; choose a shard count that divides them")
+
+
+def params_json(config: ModelConfig) -> dict:
+    """Meta's params.json for `config`, expressing the MLP width through multiple_of/ffn_dim_multiplier."""
+    multiple_of, multiplier = config.multiple_of, config.ffn_dim_multiplier
+    if meta_hidden_dim(config.dim, multiple_of, multiplier) != config.ffn_hidden_dim:
+        multiple_of, multiplier = meta_ffn_params(config.dim, config.ffn_hidden_dim)
+    params = {"dim": config.dim, "n_layers": config.n_layers, "n_heads": config.n_heads,
+              "n_kv_heads": config.kv_heads, "vocab_size": config.vocab_size, "multiple_of": multiple_of,
+              "ffn_dim_multiplier": multiplier, "norm_eps": config.norm_eps, "rope_theta": config.rope_theta,
+              "use_scaled_rope": config.use_scaled_rope}
+    s = config.rope_scaling
+    if config.use_scaled_rope and s != RopeScaling():  # non-default scaling (e.g. Llama 3.2's factor 32)
+        params.update(rope_scaling_factor=s.factor, low_freq_factor=s.low_freq_factor,
+                      high_freq_factor=s.high_freq_factor, original_max_seq_len=s.original_max_seq_len)
+    return params

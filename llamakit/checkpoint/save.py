@@ -1,0 +1,60 @@
+"""Write a model in our format, Hugging Face's, Meta's (any shard count) or llama2.c's; always atomically."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from pathlib import Path
+
+import torch
+
+from llamakit.checkpoint import hf, llama2c, meta
+from llamakit.checkpoint.io import atomic_directory, atomic_file, write_json
+from llamakit.checkpoint.load import NATIVE_KEY, NATIVE_VERSION
+from llamakit.errors import CheckpointError
+from llamakit.model.config import ModelConfig, resolve_dtype
+from llamakit.model.llama import Transformer
+from llamakit.tokenizer import Tokenizer, check_vocab, load_tokenizer
+
+log = logging.getLogger(__name__)
+FORMATS = ("llamakit", "hf", "meta", "llama2c")
+
+
+def save_model(model: Transformer, path: str | Path, format: str = "llamakit", *,
+               tokenizer: Tokenizer | str | Path | None = None, dtype: torch.dtype | str | None = None,
+               shards: int = 1, max_shard_bytes: int = 5 * 2**30, overwrite: bool = False) -> Path:
+    """Write `model` (and its tokenizer file) to `path`; nothing appears at `path` unless it all succeeds."""
+    if format not in FORMATS:
+        raise CheckpointError(f"unknown checkpoint format {format!r}; choose one of {', '.join(FORMATS)}")
+    path, config = Path(path), model.config
+    tok = load_tokenizer(tokenizer) if isinstance(tokenizer, (str, Path)) else tokenizer
+    if tok is not None:
+        check_vocab(tok, config.vocab_size, str(path))
+    dtype = resolve_dtype(dtype)
+    state = {name: t.detach().to("cpu", dtype or t.dtype) for name, t in model.state_dict().items()}
+    if format == "llama2c":
+        if path.exists() and not overwrite:
+            raise CheckpointError(f"{path}: already exists; choose a new output path or delete it first")
+        with atomic_file(path) as tmp:
+            llama2c.write_llama2c(tmp, config, state)
+        return path
+    with atomic_directory(path, overwrite=overwrite) as tmp:
+        if format == "meta":
+            meta.write_meta(tmp, config, state, shards)
+        else:
+            _write_hf_layout(tmp, config, state, tok, max_shard_bytes, native=format == "llamakit")
+        if tok is not None:
+            shutil.copyfile(tok.path, tmp / "tokenizer.model")
+        elif format == "llamakit":
+            log.warning("saving %s without a tokenizer; generation from it will need --tokenizer", path)
+    return path
+
+
+def _write_hf_layout(folder: Path, config: ModelConfig, state: dict[str, torch.Tensor], tok: Tokenizer | None,
+                     max_shard_bytes: int, native: bool) -> None:
+    dtype = state["embed_tokens.weight"].dtype
+    hf_config = hf.config_to_hf(config, dtype, tok.bos_id if tok else None, tok.eos_id if tok else None)
+    if native:  # transformers ignores this block; we read the exact config (multiple_of etc.) from it
+        hf_config[NATIVE_KEY] = {"format_version": NATIVE_VERSION, "model": config.to_dict()}
+    hf.write_hf_weights(folder, state, max_shard_bytes)
+    write_json(folder / "config.json", hf_config)

@@ -1,0 +1,190 @@
+"""The Llama transformer: the whole forward pass, for training (full causal sequence) and decoding (KV cache).
+
+Shapes: B batch, T new tokens, S cached + new tokens, H query heads, KV key/value heads, D head_dim.
+Module names follow Hugging Face (q_proj, gate_proj, ...) so HF checkpoints and PEFT adapters map 1:1;
+rotary embeddings use the "rotate half" layout, and Meta's interleaved layout is converted in checkpoint/.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from llamakit.model.config import ModelConfig, RopeScaling
+from llamakit.model.kv_cache import KVCache
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square layer norm (LLaMA's pre-normalisation), computed in fp32 for stability."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * normed.type_as(x)
+
+
+def rope_frequencies(config: ModelConfig, device: torch.device | str | None = None) -> torch.Tensor:
+    """Inverse frequencies theta^(-2i/D) of the rotary embedding, with Llama 3.1 scaling if enabled."""
+    D = config.head_dim
+    inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, D, 2, device=device).float() / D))  # (D/2,)
+    if config.use_scaled_rope:
+        inv_freq = scale_frequencies(inv_freq, config.rope_scaling)
+    return inv_freq
+
+
+def scale_frequencies(inv_freq: torch.Tensor, s: RopeScaling) -> torch.Tensor:
+    """Llama 3.1 context extension: divide low frequencies by `factor`, keep high ones, blend in between."""
+    wavelen = 2 * math.pi / inv_freq
+    long_wavelen = s.original_max_seq_len / s.low_freq_factor  # longer waves than this are fully scaled
+    short_wavelen = s.original_max_seq_len / s.high_freq_factor  # shorter waves than this are kept
+    blend = (s.original_max_seq_len / wavelen - s.low_freq_factor) / (s.high_freq_factor - s.low_freq_factor)
+    blended = (1 - blend) * inv_freq / s.factor + blend * inv_freq
+    scaled = torch.where(wavelen > long_wavelen, inv_freq / s.factor, blended)
+    return torch.where(wavelen < short_wavelen, inv_freq, scaled)
+
+
+def rope_cos_sin(inv_freq: torch.Tensor, positions: torch.Tensor, dtype: torch.dtype):
+    """cos and sin of position * frequency, each (T, D), duplicated for the two halves of a head."""
+    angles = positions.float()[:, None] * inv_freq[None, :]  # (T, D/2)
+    angles = torch.cat((angles, angles), dim=-1)  # (T, D)
+    return angles.cos().to(dtype), angles.sin().to(dtype)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate each (x[i], x[i + D/2]) pair of x (B, heads, T, D) by its position's angle."""
+    x1, x2 = x.chunk(2, dim=-1)
+    rotated = torch.cat((-x2, x1), dim=-1)  # (B, heads, T, D)
+    return x * cos + rotated * sin
+
+
+class Attention(nn.Module):
+    """Grouped-query self-attention: n_kv_heads == n_heads is MHA, 1 is MQA, anything between is GQA."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = config.n_heads, config.kv_heads, config.head_dim
+        self.q_proj = nn.Linear(config.dim, self.n_heads * self.head_dim, bias=False)
+        self.k_proj = nn.Linear(config.dim, self.n_kv_heads * self.head_dim, bias=False)
+        self.v_proj = nn.Linear(config.dim, self.n_kv_heads * self.head_dim, bias=False)
+        self.o_proj = nn.Linear(self.n_heads * self.head_dim, config.dim, bias=False)
+        self.kv_cache: KVCache | None = None
+
+    def forward(self, x, cos, sin, start_pos: int, mask: torch.Tensor | None) -> torch.Tensor:
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
+        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, KV, T, D)
+        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, KV, T, D)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if self.kv_cache is not None:
+            k, v = self.kv_cache.update(start_pos, k, v)  # (B, KV, S, D)
+        # Without an explicit mask: causal over the new tokens, except one new token sees the whole cache.
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1,
+                                           enable_gqa=self.n_kv_heads != self.n_heads)  # (B, H, T, D)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))  # (B, T, dim)
+
+
+class MLP(nn.Module):
+    """SwiGLU feed-forward: down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        hidden = config.ffn_hidden_dim
+        self.gate_proj = nn.Linear(config.dim, hidden, bias=False)
+        self.up_proj = nn.Linear(config.dim, hidden, bias=False)
+        self.down_proj = nn.Linear(hidden, config.dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class TransformerBlock(nn.Module):
+    """Pre-norm residual block: x + attention(norm(x)), then + mlp(norm(.))."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.dim, config.norm_eps)
+        self.self_attn = Attention(config)
+        self.post_attention_layernorm = RMSNorm(config.dim, config.norm_eps)
+        self.mlp = MLP(config)
+
+    def forward(self, x, cos, sin, start_pos: int, mask: torch.Tensor | None) -> torch.Tensor:
+        h = x + self.self_attn(self.input_layernorm(x), cos, sin, start_pos, mask)
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+
+class Transformer(nn.Module):
+    """A Llama model: token ids (B, T) -> fp32 logits (B, T, vocab_size)."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.dim)
+        self.layers = nn.ModuleList(TransformerBlock(config) for _ in range(config.n_layers))
+        self.norm = RMSNorm(config.dim, config.norm_eps)
+        # Tied models (Llama 3.2, tinyllamas) reuse the embedding matrix as the output projection.
+        self.lm_head = None if config.tie_word_embeddings else nn.Linear(config.dim, config.vocab_size, bias=False)
+        self.register_buffer("inv_freq", torch.empty(config.head_dim // 2), persistent=False)
+        self.init_weights()
+
+    def forward(self, tokens: torch.Tensor, start_pos: int = 0) -> torch.Tensor:
+        """Logits for `tokens` placed at positions start_pos.. (start_pos > 0 needs a KV cache)."""
+        B, T = tokens.shape
+        h = self.embed_tokens(tokens)  # (B, T, dim)
+        positions = torch.arange(start_pos, start_pos + T, device=tokens.device)
+        cos, sin = rope_cos_sin(self.inv_freq, positions, h.dtype)  # (T, D) each
+        mask = self._prefill_mask(start_pos, T, tokens.device)
+        for layer in self.layers:
+            h = layer(h, cos, sin, start_pos, mask)
+        h = self.norm(h)
+        weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+        return F.linear(h, weight).float()  # (B, T, vocab_size)
+
+    def _prefill_mask(self, start_pos: int, T: int, device) -> torch.Tensor | None:
+        """Boolean (T, S) mask for several new tokens after a cached prefix; None when is_causal suffices."""
+        if start_pos == 0 or T == 1 or self.layers[0].self_attn.kv_cache is None:
+            return None
+        query_pos = torch.arange(start_pos, start_pos + T, device=device)
+        key_pos = torch.arange(start_pos + T, device=device)
+        return key_pos[None, :] <= query_pos[:, None]  # (T, S)
+
+    def setup_kv_cache(self, max_batch_size: int, max_seq_len: int | None = None, dtype=None, device=None):
+        """Pre-allocate a KV cache in every layer for incremental decoding."""
+        weight = self.embed_tokens.weight
+        for layer in self.layers:
+            layer.self_attn.kv_cache = KVCache(
+                max_batch_size, max_seq_len or self.config.max_seq_len, self.config.kv_heads,
+                self.config.head_dim, dtype=dtype or weight.dtype, device=device or weight.device)
+
+    def reset_kv_cache(self) -> None:
+        """Free the KV caches: the model is back to full-sequence (training) mode."""
+        for layer in self.layers:
+            layer.self_attn.kv_cache = None
+
+    def init_buffers(self) -> None:
+        """(Re)compute non-persistent buffers on the parameters' device, e.g. after loading on meta."""
+        self.inv_freq = rope_frequencies(self.config, device=self.embed_tokens.weight.device)
+
+    @torch.no_grad()
+    def init_weights(self, std: float = 0.02) -> None:
+        """Initialise for training from scratch: N(0, std), residual projections scaled by 1/sqrt(2L)."""
+        self.init_buffers()
+        if self.embed_tokens.weight.is_meta:
+            return
+        residual_std = std / math.sqrt(2 * self.config.n_layers)  # GPT-2: keep the residual stream's scale
+        for name, module in self.named_modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                is_residual = name.endswith(("o_proj", "down_proj"))
+                nn.init.normal_(module.weight, mean=0.0, std=residual_std if is_residual else std)
+            elif isinstance(module, RMSNorm):
+                nn.init.ones_(module.weight)
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())

@@ -1,0 +1,32 @@
+"""Tiny random Llama models built with transformers: the independent reference for parity tests."""
+
+from __future__ import annotations
+
+import torch
+
+BASE = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=4, vocab_size=128, max_position_embeddings=256, rms_norm_eps=1e-5)
+
+
+def hf_llama(seed: int = 0, **overrides):
+    """A transformers LlamaForCausalLM with O(1) random weights (so logit errors are not hidden by tiny values)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(LlamaConfig(**{**BASE, **overrides})).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.ndim == 1:  # RMSNorm gains around 1
+                p.copy_(1 + 0.1 * torch.randn_like(p))
+            else:
+                p.copy_(torch.randn_like(p) / p.shape[-1] ** 0.5)
+    return model
+
+
+def hf_logits(model, tokens: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return model(tokens).logits.float()
+
+
+def random_tokens(vocab_size: int, batch: int = 2, length: int = 24, seed: int = 1) -> torch.Tensor:
+    return torch.randint(0, vocab_size, (batch, length), generator=torch.Generator().manual_seed(seed))
