@@ -193,3 +193,30 @@ def resolve_dtype(dtype):
         return getattr(torch, DTYPES[str(dtype).lower()])
     except KeyError:
         raise ConfigError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}") from None
+
+
+def describe(config: ModelConfig) -> dict[str, str]:
+    """Human-readable facts about a config: shape, parameter count, memory for weights and KV cache."""
+    n = config.num_params()
+    facts = {"dim": config.dim, "n_layers": config.n_layers, "n_heads": config.n_heads,
+             "n_kv_heads": config.kv_heads, "head_dim": config.head_dim, "hidden_dim": config.ffn_hidden_dim,
+             "vocab_size": config.vocab_size, "max_seq_len": config.max_seq_len, "norm_eps": config.norm_eps,
+             "rope_theta": config.rope_theta,
+             "rope_scaling": (f"llama3 (factor {config.rope_scaling.factor}, original context "
+                              f"{config.rope_scaling.original_max_seq_len})") if config.use_scaled_rope else "none",
+             "tied_embeddings": config.tie_word_embeddings, "parameters": f"{n:,}"}
+    for name, size in (("fp32", 4), ("bf16/fp16", 2)):
+        facts[f"weights_{name}"] = _bytes(n * size)
+        facts[f"kv_cache_per_token_{name}"] = _bytes(config.kv_cache_bytes_per_token(size))
+    facts["kv_cache_full_context_bf16"] = _bytes(config.kv_cache_bytes_per_token(2) * config.max_seq_len)
+    return {k: str(v) for k, v in facts.items()}
+
+
+def _bytes(n: int) -> str:
+    """1536 -> '1.50 KiB (1,536 B)'."""
+    value = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if value < 1024 or unit == "TiB":
+            break
+        value /= 1024
+    return f"{n:,} B" if unit == "B" else f"{value:,.2f} {unit} ({n:,} B)"

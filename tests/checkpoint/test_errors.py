@@ -1,0 +1,125 @@
+"""Everything a user can get wrong with a checkpoint gives an error naming the file and the problem."""
+
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from llamakit import ModelConfig, Transformer, load_model, save_model
+from llamakit.checkpoint import load_checkpoint
+from llamakit.errors import CheckpointError, TokenizerError
+
+
+@pytest.fixture
+def folder(tmp_path):
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(dim=32, n_layers=2, n_heads=4, vocab_size=512, hidden_dim=48))
+    return save_model(model, tmp_path / "ckpt", "hf")
+
+
+def _edit_weights(folder, edit):
+    tensors = load_file(folder / "model.safetensors")
+    edit(tensors)
+    save_file(tensors, folder / "model.safetensors")
+
+
+def test_missing_path(tmp_path):
+    with pytest.raises(CheckpointError, match="no such file or directory"):
+        load_model(tmp_path / "nope")
+
+
+def test_empty_folder(tmp_path):
+    with pytest.raises(CheckpointError, match="no checkpoint found"):
+        load_model(tmp_path)
+
+
+def test_config_without_weights(folder):
+    (folder / "model.safetensors").unlink()
+    with pytest.raises(CheckpointError, match="no weights"):
+        load_model(folder)
+
+
+def test_missing_weight(folder):
+    _edit_weights(folder, lambda t: t.pop("model.layers.1.mlp.up_proj.weight"))
+    with pytest.raises(CheckpointError, match=r"missing weights model\.layers\.1|missing weights layers\.1"):
+        load_model(folder)
+
+
+def test_unknown_weight(folder):
+    _edit_weights(folder, lambda t: t.update({"model.layers.2.mlp.up_proj.weight": torch.zeros(48, 32)}))
+    with pytest.raises(CheckpointError, match="unknown weights layers.2"):
+        load_model(folder)
+
+
+def test_shape_mismatch_names_the_weight(folder):
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "intermediate_size": 64}))
+    with pytest.raises(CheckpointError, match=r"gate_proj.weight has shape \(48, 32\) but the config implies \(64, 32\)"):
+        load_model(folder)
+
+
+def test_damaged_files(folder):
+    (folder / "config.json").write_text("{not json")
+    with pytest.raises(CheckpointError, match="config.json: not valid JSON"):
+        load_model(folder)
+
+
+def test_truncated_safetensors(folder):
+    data = (folder / "model.safetensors").read_bytes()
+    (folder / "model.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="model.safetensors"):
+        load_model(folder)
+
+
+def test_unsupported_architectures(folder):
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "model_type": "mistral"}))
+    with pytest.raises(CheckpointError, match="model_type 'mistral' is not supported"):
+        load_model(folder)
+    (folder / "config.json").write_text(json.dumps({**config, "rope_scaling": {"rope_type": "yarn", "factor": 4.0}}))
+    with pytest.raises(CheckpointError, match="'yarn' is not supported"):
+        load_model(folder)
+
+
+def test_meta_missing_shard(tmp_path, folder):
+    save_model(load_model(folder), tmp_path / "meta", "meta", shards=2)
+    (tmp_path / "meta" / "consolidated.00.pth").unlink()
+    with pytest.raises(CheckpointError, match="a shard is missing"):
+        load_model(tmp_path / "meta")
+
+
+def test_pickled_objects_are_refused(tmp_path, folder):
+    save_model(load_model(folder), tmp_path / "meta", "meta")
+    torch.save({"tok_embeddings.weight": torch.zeros(2), "evil": object()}, tmp_path / "meta" / "consolidated.00.pth")
+    with pytest.raises(CheckpointError, match="only plain tensor state dicts"):
+        load_model(tmp_path / "meta")
+
+
+def test_tokenizer_vocab_mismatch(folder, assets):
+    shutil.copy(assets / "llama2" / "tokenizer.model", folder / "tokenizer.model")  # 32000 tokens, model has 512
+    with pytest.raises(TokenizerError, match="32000"):
+        load_checkpoint(folder)
+    with pytest.raises(TokenizerError, match="32000"):
+        save_model(load_model(folder), folder.parent / "out", tokenizer=folder / "tokenizer.model")
+    assert not (folder.parent / "out").exists()
+
+
+def test_matching_tokenizer_is_found_and_copied(folder, assets, tmp_path):
+    model, tok = load_checkpoint(folder, tokenizer=assets / "tinyllamas" / "tok512.model")
+    save_model(model, tmp_path / "out", tokenizer=tok)
+    _, found = load_checkpoint(tmp_path / "out")
+    assert found.vocab_size == 512 and found.path.name == "tokenizer.model"
+
+
+def test_failed_write_leaves_nothing(tmp_path, folder, monkeypatch):
+    import llamakit.checkpoint.hf as hf
+
+    def boom(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(hf, "save_file", boom)
+    with pytest.raises(OSError, match="disk full"):
+        save_model(load_model(folder), tmp_path / "out", "hf")
+    assert list(tmp_path.iterdir()) == [folder]
