@@ -26,7 +26,7 @@ def atomic_directory(dst: Path, overwrite: bool = False) -> Iterator[Path]:
     tmp.mkdir()
     try:
         yield tmp
-        _fsync_tree(tmp)
+        _finish_tree(tmp)
         if dst.exists():  # overwrite: move the old one aside first so dst is never half-written
             old = dst.with_name(f".{dst.name}.old-{os.getpid()}")
             os.rename(dst, old)
@@ -54,9 +54,13 @@ def atomic_file(dst: Path) -> Iterator[Path]:
         raise
 
 
-def _fsync_tree(folder: Path) -> None:
+def _finish_tree(folder: Path) -> None:
+    """Flush every file to disk and give it the usual permissions (some writers create them 0600)."""
+    umask = os.umask(0)
+    os.umask(umask)
     for path in folder.rglob("*"):
         if path.is_file():
+            os.chmod(path, 0o666 & ~umask)
             with open(path, "rb") as f:
                 os.fsync(f.fileno())
 

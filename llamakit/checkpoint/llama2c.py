@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from llamakit.checkpoint.meta import halves_to_interleaved, interleaved_to_halves
+from llamakit.checkpoint.meta import permute_rope_rows
 from llamakit.errors import CheckpointError
 from llamakit.model.config import ModelConfig
 from llamakit.model.llama import rope_cos_sin, rope_frequencies
@@ -93,17 +93,12 @@ def read_llama2c(path: Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
         raise CheckpointError(f"{path}: not a llama2.c model file (header and file size do not match)")
     version, config, offset = header
     data = np.memmap(path, dtype="<f4", mode="c", offset=offset)  # copy-on-write: the file is never modified
-    expected = {name: shape for name, shape in _shapes(config).items()}
-    state, pos = {}, 0
+    shapes, state, pos = _shapes(config), {}, 0
     for name, count in _layout(config, version):
         if name is not None:
-            state[name] = torch.from_numpy(data[pos:pos + count]).view(expected[name])
+            tensor = torch.from_numpy(data[pos:pos + count]).view(shapes[name])
+            state[name] = permute_rope_rows(name, tensor, config, to_halves=True)
         pos += count
-    for name in state:
-        if name.endswith("q_proj.weight"):
-            state[name] = interleaved_to_halves(state[name], config.n_heads)
-        elif name.endswith("k_proj.weight"):
-            state[name] = interleaved_to_halves(state[name], config.kv_heads)
     return config, state
 
 
@@ -136,16 +131,8 @@ def write_llama2c(path: Path, config: ModelConfig, state: dict[str, torch.Tensor
         cos, sin = _rope_tables(config)
         tables = iter((cos, sin))
         for name, _ in _layout(config, version):
-            tensor = next(tables) if name is None else _to_interleaved(name, state[name], config)
+            tensor = next(tables) if name is None else permute_rope_rows(name, state[name], config, to_halves=False)
             f.write(tensor.detach().to(torch.float32).contiguous().numpy().tobytes())
-
-
-def _to_interleaved(name: str, tensor: torch.Tensor, config: ModelConfig) -> torch.Tensor:
-    if name.endswith("q_proj.weight"):
-        return halves_to_interleaved(tensor, config.n_heads)
-    if name.endswith("k_proj.weight"):
-        return halves_to_interleaved(tensor, config.kv_heads)
-    return tensor
 
 
 def _rope_tables(config: ModelConfig) -> tuple[torch.Tensor, torch.Tensor]:

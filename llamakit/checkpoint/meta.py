@@ -76,6 +76,17 @@ def halves_to_interleaved(w: torch.Tensor, n_heads: int) -> torch.Tensor:
     return w.view(n_heads, 2, D // 2, in_features).transpose(1, 2).reshape(out_features, in_features)
 
 
+def permute_rope_rows(name: str, tensor: torch.Tensor, config: ModelConfig, to_halves: bool) -> torch.Tensor:
+    """Convert wq/wk between Meta's interleaved layout and ours (to_halves) or back; other weights pass."""
+    if name.endswith("q_proj.weight"):
+        heads = config.n_heads
+    elif name.endswith("k_proj.weight"):
+        heads = config.kv_heads
+    else:
+        return tensor
+    return interleaved_to_halves(tensor, heads) if to_halves else halves_to_interleaved(tensor, heads)
+
+
 def shard_files(folder: Path) -> list[Path]:
     """consolidated.00.pth .. consolidated.NN.pth, checked to be a complete, contiguous set."""
     found = sorted((int(m.group(1)), p) for p in folder.iterdir() if (m := SHARD_PATTERN.fullmatch(p.name)))
@@ -133,12 +144,7 @@ def read_meta(folder: Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
     if tied:  # Meta writes the shared matrix twice for tied models (Llama 3.2); we keep one copy
         merged.pop("lm_head.weight", None)
     config = config.replace(tie_word_embeddings=tied)
-    for name in list(merged):
-        if name.endswith("q_proj.weight"):
-            merged[name] = interleaved_to_halves(merged[name], config.n_heads)
-        elif name.endswith("k_proj.weight"):
-            merged[name] = interleaved_to_halves(merged[name], config.kv_heads)
-    return config, merged
+    return config, {name: permute_rope_rows(name, t, config, to_halves=True) for name, t in merged.items()}
 
 
 def _merge(name: str, pieces: list[torch.Tensor], width: int, folder: Path) -> torch.Tensor:
@@ -176,11 +182,7 @@ def write_meta(folder: Path, config: ModelConfig, state: dict[str, torch.Tensor]
 
 def _meta_layout(config: ModelConfig, state: dict[str, torch.Tensor]) -> Iterator[tuple[str, torch.Tensor]]:
     for name, tensor in state.items():
-        if name.endswith("q_proj.weight"):
-            tensor = halves_to_interleaved(tensor, config.n_heads)
-        elif name.endswith("k_proj.weight"):
-            tensor = halves_to_interleaved(tensor, config.kv_heads)
-        yield name, tensor
+        yield name, permute_rope_rows(name, tensor, config, to_halves=False)
     if config.tie_word_embeddings:  # Meta's loaders expect an output matrix even when it is shared
         yield "lm_head.weight", state["embed_tokens.weight"]
 

@@ -123,3 +123,11 @@ def test_failed_write_leaves_nothing(tmp_path, folder, monkeypatch):
     with pytest.raises(OSError, match="disk full"):
         save_model(load_model(folder), tmp_path / "out", "hf")
     assert list(tmp_path.iterdir()) == [folder]
+
+
+def test_written_files_get_the_usual_permissions(folder):
+    import os
+
+    umask = os.umask(0)
+    os.umask(umask)
+    assert all(p.stat().st_mode & 0o777 == 0o666 & ~umask for p in folder.iterdir())  # not safetensors' 0600
