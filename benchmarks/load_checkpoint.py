@@ -20,18 +20,23 @@ import time
 from pathlib import Path
 
 
+def memory_kib(field: str) -> int:
+    """VmRSS (now) or VmHWM (peak) of this process; unlike ru_maxrss, VmHWM is not inherited across exec."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status (this benchmark needs Linux)")
+
+
 def child(kind: str, path: str) -> None:
     """Measure one load in this (fresh) process and print a JSON line."""
-    import resource
-
-    import psutil
     import torch
 
     if kind == "transformers":
         from transformers import AutoModelForCausalLM
     else:
         from llamakit import load_model
-    baseline = psutil.Process().memory_info().rss
+    baseline = memory_kib("VmRSS") * 1024
     start = time.perf_counter()
     if kind == "transformers":
         model = AutoModelForCausalLM.from_pretrained(path, dtype="auto").eval()
@@ -41,7 +46,7 @@ def child(kind: str, path: str) -> None:
     with torch.no_grad():
         model(torch.tensor([[1, 2, 3, 4]]))
     ready = time.perf_counter()
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+    peak = memory_kib("VmHWM") * 1024
     print(json.dumps({"load_s": loaded - start, "load_forward_s": ready - start, "peak_rss_above_baseline": peak - baseline}))
 
 
@@ -103,10 +108,10 @@ def main() -> None:
     print(f"\n{args.preset}, median of {args.repeats} fresh processes each\n")
     print(f"| loader (format) | checkpoint | load s | load+forward s | peak RSS above baseline | time vs HF | RSS vs HF |")
     print("|---|---|---|---|---|---|---|")
-    disk = {label: size_on_disk(p) for label, p in paths.items()}
-    disk["transformers.from_pretrained (hf)"] = disk["hf (llamakit)"]
+    disk = {f"llamakit load_model ({label})": size_on_disk(p) for label, p in paths.items()}
+    disk["transformers.from_pretrained (hf)"] = size_on_disk(paths["hf (llamakit)"])
     for label, r in rows.items():
-        size = next(v for k, v in disk.items() if k in label)
+        size = disk[label]
         print(f"| {label} | {size / 2**30:.2f} GiB | {r['load_s']:.2f} | {r['load_forward_s']:.2f} | "
               f"{r['peak_rss_above_baseline'] / 2**30:.2f} GiB | {r['load_forward_s'] / reference['load_forward_s']:.2f}x | "
               f"{r['peak_rss_above_baseline'] / reference['peak_rss_above_baseline']:.2f}x |")

@@ -17,11 +17,15 @@ def convert(args: argparse.Namespace) -> None:
     """Convert a checkpoint between formats (the source format is detected)."""
     from llamakit.checkpoint import find_tokenizer, load_model, save_model
 
+    if args.shards is not None and args.to != "meta":
+        raise LlamakitError(f"--shards applies to --to meta only (Hugging Face files are split by --max-shard-size)")
     tokenizer = args.tokenizer or find_tokenizer(args.src)
+    if args.to == "llama2c":
+        tokenizer = None  # a llama2.c file has no place for one
     model = load_model(args.src, dtype=args.dtype)
-    save_model(model, args.dst, args.to, tokenizer=tokenizer, shards=args.shards, dtype=args.dtype,
+    save_model(model, args.dst, args.to, tokenizer=tokenizer, shards=args.shards or 1, dtype=args.dtype,
                max_shard_bytes=args.max_shard_size, overwrite=args.force)
-    note = "" if tokenizer else " (no tokenizer found beside the source; pass --tokenizer to include one)"
+    note = "" if tokenizer else " without a tokenizer (none found beside the source, or the format holds none)"
     print(f"wrote {args.to} checkpoint to {args.dst}{note}")
 
 
@@ -50,17 +54,27 @@ def info(args: argparse.Namespace) -> None:
 def _size(text: str) -> int:
     """'5GB', '500MiB' or a plain byte count."""
     upper = text.strip().upper()
-    for unit, factor in sorted(SIZE_UNITS.items(), key=lambda kv: -len(kv[0])):
-        if upper.endswith(unit):
-            return int(float(upper[: -len(unit)]) * factor)
-    return int(upper)
+    unit = next((u for u in sorted(SIZE_UNITS, key=len, reverse=True) if upper.endswith(u)), "B")
+    try:
+        size = float(upper.removesuffix(unit)) * SIZE_UNITS[unit]
+    except ValueError:
+        size = float("nan")
+    if not 0 < size < 2**60:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size like 2GB, 500MiB or 1000000")
+    return int(size)
+
+
+def _positive_int(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive integer")
+    return int(text)
 
 
 def _add_convert(p: argparse.ArgumentParser) -> None:
     p.add_argument("src", help="checkpoint to read: a Hugging Face/llamakit/Meta folder or a llama2.c .bin file")
     p.add_argument("dst", help="output folder (or .bin file for --to llama2c); must not exist unless --force")
     p.add_argument("--to", required=True, choices=["hf", "meta", "llamakit", "llama2c"], help="output format")
-    p.add_argument("--shards", type=int, default=1, help="number of consolidated.NN.pth files for --to meta")
+    p.add_argument("--shards", type=_positive_int, help="number of consolidated.NN.pth files for --to meta (default 1)")
     p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], help="convert weights (default: keep as stored)")
     p.add_argument("--tokenizer", help="tokenizer file to copy beside the weights (default: the source's)")
     p.add_argument("--max-shard-size", type=_size, default="5GB", help="largest safetensors file, e.g. 2GB")

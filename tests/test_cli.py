@@ -49,14 +49,50 @@ def test_info_preset_and_path(tiny_checkpoint):
     assert facts["format"] == "llamakit" and facts["n_kv_heads"] == "2"
 
 
-@pytest.mark.parametrize("args, message", [
-    (["info", "no-such-thing"], "not a preset"),
-    (["convert", "missing-dir", "out", "--to", "hf"], "no such file or directory"),
-    (["convert", "{ckpt}", "{ckpt}", "--to", "hf"], "already exists"),
-    (["convert", "{ckpt}", "{tmp}/m", "--to", "meta", "--shards", "3"], "cannot split this model into 3 shards"),
+def _edit_json(path, **changes):
+    """Apply changes to a JSON file; a value of ... deletes the key."""
+    data = {**json.loads(path.read_text()), **changes}
+    path.write_text(json.dumps({k: v for k, v in data.items() if v is not ...}))
+
+
+def _two_llama2c_files(ckpt, tmp):
+    for name in ("a.bin", "b.bin"):
+        save_model(load_model(ckpt), tmp / "two" / name, "llama2c")
+
+
+SETUPS = {  # extra damage done to a copy of the tiny checkpoint before running the command
+    "bad type": lambda ckpt, tmp: _edit_json(ckpt / "config.json", llamakit=..., hidden_size="32"),
+    "null heads": lambda ckpt, tmp: _edit_json(ckpt / "config.json", llamakit=..., num_attention_heads=None),
+    "bad native block": lambda ckpt, tmp: _edit_json(ckpt / "config.json", llamakit={"format_version": 1}),
+    "a file in the way": lambda ckpt, tmp: (tmp / "file").write_text("x"),
+    "two llama2c files": _two_llama2c_files,
+}
+
+
+@pytest.mark.parametrize("setup, args, message", [
+    (None, ["info", "no-such-thing"], "not a preset"),
+    (None, ["convert", "missing-dir", "out", "--to", "hf"], "no such file or directory"),
+    (None, ["convert", "{ckpt}", "{ckpt}", "--to", "hf"], "already exists"),
+    (None, ["convert", "{ckpt}", "{tmp}/m", "--to", "meta", "--shards", "3"], "cannot split this model into 3 shards"),
+    (None, ["convert", "{ckpt}", "{tmp}/m", "--to", "hf", "--shards", "2"], "--shards applies to --to meta only"),
+    ("bad type", ["info", "{ckpt}"], "config.json: model config: dim must be a positive integer"),
+    ("bad type", ["convert", "{ckpt}", "{tmp}/m", "--to", "hf"], "dim must be a positive integer"),
+    ("null heads", ["convert", "{ckpt}", "{tmp}/m", "--to", "hf"], "config.json"),
+    ("bad native block", ["info", "{ckpt}"], "the 'llamakit' block"),
+    ("a file in the way", ["convert", "{ckpt}", "{tmp}/file/m", "--to", "hf"], "cannot create the output"),
+    ("a file in the way", ["convert", "{ckpt}", "{tmp}/file", "--to", "hf", "--force"], "exists and is a file"),
+    ("two llama2c files", ["info", "{tmp}/two"], "several llama2.c model files"),
 ])
-def test_errors_are_one_line_without_traceback(args, message, tiny_checkpoint, tmp_path):
+def test_errors_are_one_line_without_traceback(setup, args, message, tiny_checkpoint, tmp_path):
+    if setup:
+        SETUPS[setup](tiny_checkpoint, tmp_path)
     result = run(*(a.format(ckpt=tiny_checkpoint, tmp=tmp_path) for a in args))
-    assert result.returncode == 1
+    assert result.returncode == 1, result.stderr
     assert message in result.stderr and "Traceback" not in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("args", [["--shards", "0"], ["--max-shard-size", "infGB"], ["--max-shard-size", "abc"]])
+def test_bad_option_values_are_usage_errors(args, tiny_checkpoint, tmp_path):
+    result = run("convert", tiny_checkpoint, tmp_path / "m", "--to", "meta", *args)
+    assert result.returncode == 2 and "Traceback" not in result.stderr and f"argument {args[0]}:" in result.stderr

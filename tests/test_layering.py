@@ -14,12 +14,30 @@ ALLOWED = {  # layer -> layers it may import (errors is a leaf every layer may u
 
 
 def _imported_layers(path: Path) -> set[str]:
+    """Top-level package modules that `path` imports, in any form (absolute, from-package, relative)."""
+    package = path.relative_to(PACKAGE.parent).with_suffix("").parts[:-1]  # e.g. ("llamakit", "checkpoint")
     layers = set()
     for node in ast.walk(ast.parse(path.read_text())):
-        names = [a.name for a in node.names] if isinstance(node, ast.Import) else (
-            [node.module] if isinstance(node, ast.ImportFrom) and node.module else [])
-        layers |= {n.split(".")[1] for n in names if n.startswith("llamakit.")}
+        if isinstance(node, ast.Import):
+            modules = [a.name.split(".") for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = list(package[: len(package) - node.level + 1]) if node.level else []
+            module = base + (node.module.split(".") if node.module else [])
+            modules = [module + [a.name] for a in node.names] if len(module) == 1 else [module]
+        else:
+            continue
+        layers |= {m[1] for m in modules if len(m) > 1 and m[0] == "llamakit"}
     return layers
+
+
+def test_the_checker_sees_every_import_form():
+    source = "import llamakit.model\nfrom llamakit import checkpoint\nfrom ..tokenizer import base\nfrom . import x\n"
+    probe = PACKAGE / "model" / "_probe_for_test.py"
+    probe.write_text(source)
+    try:
+        assert _imported_layers(probe) == {"model", "checkpoint", "tokenizer"}
+    finally:
+        probe.unlink()
 
 
 @pytest.mark.parametrize("layer", sorted(ALLOWED))

@@ -14,7 +14,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from llamakit.checkpoint.io import read_json, torch_load, write_json
-from llamakit.errors import CheckpointError
+from llamakit.errors import CheckpointError, ConfigError
 from llamakit.model.config import ModelConfig, RopeScaling
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
@@ -30,18 +30,20 @@ def config_from_hf(hf: dict, where: Path) -> ModelConfig:
         if hf.get(key, ok) != ok:
             raise CheckpointError(f"{where}: {key}={hf[key]!r} is not a Llama architecture (expected {ok!r})")
     try:
-        dim, n_heads = hf["hidden_size"], hf["num_attention_heads"]
-        if hf.get("head_dim") not in (None, dim // n_heads):
-            raise CheckpointError(f"{where}: head_dim={hf['head_dim']} differs from hidden_size/num_attention_heads")
         rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
-        return ModelConfig(
-            dim=dim, n_layers=hf["num_hidden_layers"], n_heads=n_heads, vocab_size=hf["vocab_size"],
-            n_kv_heads=hf.get("num_key_value_heads"), hidden_dim=hf["intermediate_size"],
-            norm_eps=hf.get("rms_norm_eps", 1e-6), rope_theta=float(rope.get("rope_theta", hf.get("rope_theta", 1e4))),
+        config = ModelConfig(
+            dim=hf["hidden_size"], n_layers=hf["num_hidden_layers"], n_heads=hf["num_attention_heads"],
+            vocab_size=hf["vocab_size"], n_kv_heads=hf.get("num_key_value_heads"), hidden_dim=hf["intermediate_size"],
+            norm_eps=hf.get("rms_norm_eps", 1e-6), rope_theta=rope.get("rope_theta", hf.get("rope_theta", 1e4)),
             max_seq_len=hf.get("max_position_embeddings", 2048),
             tie_word_embeddings=hf.get("tie_word_embeddings", False), **_rope_scaling_from_hf(rope, where))
     except KeyError as e:
         raise CheckpointError(f"{where}: missing field {e.args[0]!r}; is this a Llama config.json?") from None
+    except ConfigError as e:
+        raise CheckpointError(f"{where}: {e}") from None
+    if hf.get("head_dim") not in (None, config.head_dim):
+        raise CheckpointError(f"{where}: head_dim={hf['head_dim']} differs from hidden_size/num_attention_heads")
+    return config
 
 
 def _rope_scaling_from_hf(rope: dict, where: Path) -> dict:

@@ -18,12 +18,10 @@ from llamakit.errors import CheckpointError
 def atomic_directory(dst: Path, overwrite: bool = False) -> Iterator[Path]:
     """Yield a temporary sibling folder that is renamed to `dst` only if the block finishes."""
     dst = Path(dst)
-    if dst.exists() and not overwrite:
-        raise CheckpointError(f"{dst}: already exists; choose a new output path or delete it first")
-    dst.parent.mkdir(parents=True, exist_ok=True)
+    _check_destination(dst, overwrite, want_dir=True)
     tmp = dst.with_name(f".{dst.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
+    _make(tmp.mkdir, dst)
     try:
         yield tmp
         _finish_tree(tmp)
@@ -40,9 +38,10 @@ def atomic_directory(dst: Path, overwrite: bool = False) -> Iterator[Path]:
 
 
 @contextlib.contextmanager
-def atomic_file(dst: Path) -> Iterator[Path]:
+def atomic_file(dst: Path, overwrite: bool = False) -> Iterator[Path]:
     """Yield a temporary path that replaces `dst` only if the block finishes."""
     dst = Path(dst)
+    _check_destination(dst, overwrite, want_dir=False)
     tmp = dst.with_name(f".{dst.name}.tmp-{os.getpid()}")
     try:
         yield tmp
@@ -52,6 +51,25 @@ def atomic_file(dst: Path) -> Iterator[Path]:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def _check_destination(dst: Path, overwrite: bool, want_dir: bool) -> None:
+    """dst may be written: it is new (or replaceable and of the same kind), and its folder can be made."""
+    if dst.exists():
+        if not overwrite:
+            raise CheckpointError(f"{dst}: already exists; choose a new output path or delete it first")
+        if dst.is_dir() != want_dir:
+            raise CheckpointError(f"{dst}: exists and is a {'file' if want_dir else 'folder'}; "
+                                  "refusing to replace it with a checkpoint " + ("folder" if want_dir else "file"))
+    _make(lambda: dst.parent.mkdir(parents=True, exist_ok=True), dst)
+
+
+def _make(action, dst: Path) -> None:
+    try:
+        action()
+    except OSError as e:
+        raise CheckpointError(f"{dst}: cannot create the output ({e.strerror}: {e.filename}); "
+                              "choose a writable location") from None
 
 
 def _finish_tree(folder: Path) -> None:

@@ -8,7 +8,7 @@ import torch
 
 from llamakit.checkpoint import hf, llama2c, meta
 from llamakit.checkpoint.io import check_state_dict, read_json
-from llamakit.errors import CheckpointError
+from llamakit.errors import CheckpointError, ConfigError
 from llamakit.model.config import ModelConfig, resolve_dtype
 from llamakit.model.llama import Transformer
 from llamakit.tokenizer import Tokenizer, check_vocab, load_tokenizer
@@ -31,9 +31,12 @@ def detect_format(path: str | Path) -> str:
         return "llamakit" if NATIVE_KEY in read_json(path / "config.json") else "hf"
     if (path / "params.json").is_file():
         return "meta"
-    candidates = [p for p in sorted(path.glob("*.bin")) if llama2c.read_header(p) is not None]
+    candidates = _llama2c_files(path)
     if len(candidates) == 1:
         return "llama2c"
+    if len(candidates) > 1:
+        raise CheckpointError(f"{path}: several llama2.c model files ({', '.join(p.name for p in candidates)}); "
+                              "pass the one you want")
     raise CheckpointError(f"{path}: no checkpoint found; expected config.json + *.safetensors (Hugging Face or "
                           "llamakit), params.json + consolidated.NN.pth (Meta), or one llama2.c .bin file")
 
@@ -60,16 +63,25 @@ def load_config(path: str | Path) -> ModelConfig:
     path = Path(path)
     fmt = detect_format(path)
     if fmt == "llamakit":
-        block = read_json(path / "config.json")[NATIVE_KEY]
-        if block.get("format_version") != NATIVE_VERSION:
-            raise CheckpointError(f"{path / 'config.json'}: llamakit format version {block.get('format_version')} "
-                                  f"is not supported by this llamakit (reads version {NATIVE_VERSION}); upgrade llamakit")
-        return ModelConfig.from_dict(block["model"])
+        return _native_config(path / "config.json")
     if fmt == "hf":
         return hf.config_from_hf(read_json(path / "config.json"), path / "config.json")
     if fmt == "llama2c":
         return llama2c.read_header(_llama2c_file(path))[1]
-    return meta.read_meta(path)[0]
+    return meta.read_meta_config(path)
+
+
+def _native_config(file: Path) -> ModelConfig:
+    block = read_json(file)[NATIVE_KEY]
+    version = block.get("format_version") if isinstance(block, dict) else None
+    if version != NATIVE_VERSION or not isinstance(block.get("model"), dict):
+        raise CheckpointError(f"{file}: the 'llamakit' block (format version {version!r}) is not one this llamakit "
+                              f"reads (version {NATIVE_VERSION}); upgrade llamakit, or delete the block to load it "
+                              "as a plain Hugging Face checkpoint")
+    try:
+        return ModelConfig.from_dict(block["model"])
+    except ConfigError as e:
+        raise CheckpointError(f"{file}: {e}") from None
 
 
 def load_model(path: str | Path, dtype: torch.dtype | str | None = None, device: torch.device | str = "cpu") -> Transformer:
@@ -109,7 +121,9 @@ def load_checkpoint(path: str | Path, tokenizer: str | Path | None = None, dtype
     return load_model(path, dtype=dtype, device=device), tok
 
 
+def _llama2c_files(folder: Path) -> list[Path]:
+    return [p for p in sorted(folder.glob("*.bin")) if p.is_file() and llama2c.read_header(p) is not None]
+
+
 def _llama2c_file(path: Path) -> Path:
-    if path.is_file():
-        return path
-    return next(p for p in sorted(path.glob("*.bin")) if llama2c.read_header(p) is not None)
+    return path if path.is_file() else _llama2c_files(path)[0]

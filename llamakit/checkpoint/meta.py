@@ -17,7 +17,7 @@ from typing import Iterator
 import torch
 
 from llamakit.checkpoint.io import read_json, torch_load, write_json
-from llamakit.errors import CheckpointError
+from llamakit.errors import CheckpointError, ConfigError
 from llamakit.model.config import ModelConfig, RopeScaling, meta_ffn_params, meta_hidden_dim
 
 SHARD_PATTERN = re.compile(r"consolidated\.(\d+)\.pth")
@@ -108,11 +108,11 @@ def config_from_params(folder: Path, vocab_size: int | None = None) -> ModelConf
     unknown = sorted(set(params) - known)
     if unknown:
         raise CheckpointError(f"{folder / 'params.json'}: unknown field(s) {unknown}")
-    if params.get("vocab_size", -1) <= 0:
+    if not isinstance(params.get("vocab_size", -1), int) or params.get("vocab_size", -1) <= 0:
         if vocab_size is None:
             raise CheckpointError(f"{folder / 'params.json'}: vocab_size is -1 and no embedding to read it from")
         params["vocab_size"] = vocab_size
-    scaling = RopeScaling(factor=params.pop("rope_scaling_factor", 8.0),
+    scaling = RopeScaling(factor=params.pop("rope_scaling_factor", _default_scaling_factor(params)),
                           low_freq_factor=params.pop("low_freq_factor", 1.0),
                           high_freq_factor=params.pop("high_freq_factor", 4.0),
                           original_max_seq_len=params.pop("original_max_seq_len", 8192))
@@ -122,14 +122,44 @@ def config_from_params(folder: Path, vocab_size: int | None = None) -> ModelConf
                       if params.get("rope_theta", 1e4) >= 5e5 else 4096)
     try:
         return ModelConfig(**params, rope_scaling=scaling)
-    except TypeError as e:
+    except (TypeError, ConfigError) as e:
         raise CheckpointError(f"{folder / 'params.json'}: {e}") from None
+
+
+def _default_scaling_factor(params: dict) -> float:
+    """Meta's Llama 3.2 1B/3B params.json omit the RoPE scaling factor (32, not 3.1's 8): infer it from the shape."""
+    is_llama32 = params.get("use_scaled_rope") and (params.get("dim"), params.get("n_layers")) in {(2048, 16), (3072, 28)}
+    return 32.0 if is_llama32 else 8.0
+
+
+def read_meta_config(folder: Path) -> ModelConfig:
+    """The config without reading weights: the vocabulary size comes from the embedding shards' shapes.
+
+    A model counts as tied here only when it stores no output matrix (loading also ties one equal to the
+    embedding, which needs the data).
+    """
+    width = read_json(folder / "params.json").get("dim")
+    shards = [torch_load(p) for p in shard_files(folder)]  # memory-mapped: only shapes are read
+    embeds = [s.get("tok_embeddings.weight") for s in shards]
+    if any(e is None for e in embeds):
+        raise CheckpointError(f"{folder}: a shard has no tok_embeddings.weight; this is not a Llama checkpoint")
+    vocab = sum(e.shape[0] for e in embeds) if embeds[0].shape[1] == width else embeds[0].shape[0]
+    config = config_from_params(folder, vocab_size=vocab)
+    return config.replace(tie_word_embeddings="output.weight" not in shards[0])
 
 
 def read_meta(folder: Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
     """Config and merged weights (our names, rotate-half layout) from any number of shards."""
     width = read_json(folder / "params.json").get("dim")
-    shards = [torch_load(p) for p in shard_files(folder)]
+    files = shard_files(folder)
+    shards = [torch_load(p) for p in files]
+    for file, shard in zip(files[1:], shards[1:]):
+        if set(shard) != set(shards[0]):
+            diff = sorted(set(shard) ^ set(shards[0]))[:3]
+            raise CheckpointError(f"{file}: holds different weights than {files[0].name} (e.g. {diff}); "
+                                  "the shards come from different checkpoints or one is damaged")
+    if "tok_embeddings.weight" not in shards[0]:
+        raise CheckpointError(f"{files[0]}: no tok_embeddings.weight; this is not a Llama checkpoint")
     merged = {}
     for key in shards[0]:
         if key in IGNORED_KEYS:
@@ -155,7 +185,9 @@ def _merge(name: str, pieces: list[torch.Tensor], width: int, folder: Path) -> t
         dim = 0 if pieces[0].shape[1] == width else 1  # full width: split by vocabulary (Llama 3)
     else:
         dim = ours_to_meta(name)[1]
-    if dim is None:
+    if dim is None:  # replicated (norms): every rank must hold the same tensor
+        if any(p.shape != pieces[0].shape or p.dtype != pieces[0].dtype for p in pieces):
+            raise CheckpointError(f"{folder}: the shards disagree on {name}; they come from different checkpoints")
         return pieces[0]
     try:
         return torch.cat(pieces, dim=dim)
@@ -166,8 +198,7 @@ def _merge(name: str, pieces: list[torch.Tensor], width: int, folder: Path) -> t
 def write_meta(folder: Path, config: ModelConfig, state: dict[str, torch.Tensor], shards: int) -> None:
     """Write params.json and `shards` consolidated.NN.pth files that Meta's loaders accept."""
     _check_shardable(config, shards)
-    # Embedding split: by vocabulary (Llama 3) when it divides evenly, else by width (Llama 2).
-    embed_dim = 0 if config.vocab_size % shards == 0 else 1
+    embed_dim = _embedding_split(config, shards)
     pieces: list[dict[str, torch.Tensor]] = [{} for _ in range(shards)]
     for name, tensor in _meta_layout(config, state):
         key, dim = ours_to_meta(name)
@@ -187,12 +218,25 @@ def _meta_layout(config: ModelConfig, state: dict[str, torch.Tensor]) -> Iterato
         yield "lm_head.weight", state["embed_tokens.weight"]
 
 
+def _is_llama3_family(config: ModelConfig) -> bool:
+    """Whether Meta's Llama 3 code (rather than Llama 1/2's) is the one that loads this model."""
+    return config.rope_theta != 10000.0 or config.use_scaled_rope
+
+
+def _embedding_split(config: ModelConfig, shards: int) -> int:
+    """Llama 3 code splits the embedding by vocabulary (dim 0), Llama 1/2 code by width (dim 1)."""
+    preferred, other = (0, 1) if _is_llama3_family(config) else (1, 0)
+    return preferred if config.embedding_size(preferred) % shards == 0 else other
+
+
 def _check_shardable(config: ModelConfig, shards: int) -> None:
+    if not isinstance(shards, int) or shards < 1:
+        raise CheckpointError(f"the shard count must be a positive integer, got {shards!r}")
     sizes = {"n_heads": config.n_heads, "n_kv_heads": config.kv_heads, "hidden_dim": config.ffn_hidden_dim,
-             "vocab_size or dim": config.vocab_size if config.vocab_size % shards == 0 else config.dim}
+             "vocab_size and dim": config.embedding_size(_embedding_split(config, shards))}
     bad = [f"{k}={v}" for k, v in sizes.items() if v % shards]
-    if shards < 1 or bad:
-        raise CheckpointError(f"cannot split this model into {shards} shards: {', '.join(bad) or 'shards < 1'} "
+    if bad:
+        raise CheckpointError(f"cannot split this model into {shards} shards: {', '.join(bad)} "
                               "not divisible; choose a shard count that divides them")
 
 
@@ -203,10 +247,11 @@ def params_json(config: ModelConfig) -> dict:
         multiple_of, multiplier = meta_ffn_params(config.dim, config.ffn_hidden_dim)
     params = {"dim": config.dim, "n_layers": config.n_layers, "n_heads": config.n_heads,
               "n_kv_heads": config.kv_heads, "vocab_size": config.vocab_size, "multiple_of": multiple_of,
-              "ffn_dim_multiplier": multiplier, "norm_eps": config.norm_eps, "rope_theta": config.rope_theta,
-              "use_scaled_rope": config.use_scaled_rope}
+              "ffn_dim_multiplier": multiplier, "norm_eps": config.norm_eps}
+    if _is_llama3_family(config):  # Llama 1/2's ModelArgs rejects these keys; Llama 3's expects them
+        params.update(rope_theta=config.rope_theta, use_scaled_rope=config.use_scaled_rope)
     s = config.rope_scaling
-    if config.use_scaled_rope and s != RopeScaling():  # non-default scaling (e.g. Llama 3.2's factor 32)
+    if config.use_scaled_rope and s != RopeScaling():  # non-default scaling, e.g. Llama 3.2's factor 32
         params.update(rope_scaling_factor=s.factor, low_freq_factor=s.low_freq_factor,
                       high_freq_factor=s.high_freq_factor, original_max_seq_len=s.original_max_seq_len)
     return params

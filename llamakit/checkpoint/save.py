@@ -29,13 +29,11 @@ def save_model(model: Transformer, path: str | Path, format: str = "llamakit", *
     path, config = Path(path), model.config
     tok = load_tokenizer(tokenizer) if isinstance(tokenizer, (str, Path)) else tokenizer
     if tok is not None:
-        check_vocab(tok, config.vocab_size, str(path))
+        check_vocab(tok, config.vocab_size, "the model being saved")
     dtype = resolve_dtype(dtype)
     state = {name: t.detach().to("cpu", dtype or t.dtype) for name, t in model.state_dict().items()}
     if format == "llama2c":
-        if path.exists() and not overwrite:
-            raise CheckpointError(f"{path}: already exists; choose a new output path or delete it first")
-        with atomic_file(path) as tmp:
+        with atomic_file(path, overwrite=overwrite) as tmp:
             llama2c.write_llama2c(tmp, config, state)
         return path
     with atomic_directory(path, overwrite=overwrite) as tmp:

@@ -17,6 +17,22 @@ class RopeScaling:
     high_freq_factor: float = 4.0
     original_max_seq_len: int = 8192
 
+    def __post_init__(self) -> None:
+        for name in ("factor", "low_freq_factor", "high_freq_factor"):
+            _check_number(f"rope_scaling.{name}", getattr(self, name), float)
+        _check_number("rope_scaling.original_max_seq_len", self.original_max_seq_len, int)
+        if self.high_freq_factor <= self.low_freq_factor:
+            raise ConfigError(f"model config: rope_scaling.high_freq_factor={self.high_freq_factor} must exceed "
+                              f"low_freq_factor={self.low_freq_factor}")
+
+
+def _check_number(name: str, value, kind: type) -> None:
+    """value is a positive int (kind=int) or a positive int/float (kind=float); bools are not numbers."""
+    allowed = (int,) if kind is int else (int, float)
+    if isinstance(value, bool) or not isinstance(value, allowed) or not value > 0:
+        raise ConfigError(f"model config: {name} must be a positive {'integer' if kind is int else 'number'}, "
+                          f"got {value!r}")
+
 
 @dataclass(frozen=True)
 class ModelConfig:
@@ -40,9 +56,17 @@ class ModelConfig:
     def __post_init__(self) -> None:
         if isinstance(self.rope_scaling, dict):  # from JSON
             object.__setattr__(self, "rope_scaling", RopeScaling(**self.rope_scaling))
-        for name in ("dim", "n_layers", "n_heads", "vocab_size", "max_seq_len"):
-            if getattr(self, name) <= 0:
-                raise ConfigError(f"model config: {name} must be positive, got {getattr(self, name)}")
+        for name in ("dim", "n_layers", "n_heads", "vocab_size", "max_seq_len", "multiple_of"):
+            _check_number(name, getattr(self, name), int)
+        for name in ("n_kv_heads", "hidden_dim"):
+            if getattr(self, name) is not None:
+                _check_number(name, getattr(self, name), int)
+        for name in ("norm_eps", "rope_theta") + (("ffn_dim_multiplier",) if self.ffn_dim_multiplier else ()):
+            _check_number(name, getattr(self, name), float)
+        if not isinstance(self.use_scaled_rope, bool) or not isinstance(self.tie_word_embeddings, bool):
+            raise ConfigError("model config: use_scaled_rope and tie_word_embeddings must be true or false")
+        if self.kv_heads > self.n_heads:
+            raise ConfigError(f"model config: n_kv_heads={self.kv_heads} exceeds n_heads={self.n_heads}")
         if self.dim % self.n_heads:
             raise ConfigError(f"model config: dim={self.dim} is not divisible by n_heads={self.n_heads}")
         if self.n_heads % self.kv_heads:
@@ -73,6 +97,10 @@ class ModelConfig:
         per_layer = attention + mlp + 2 * d  # two RMSNorm weights
         embeddings = self.vocab_size * d * (1 if self.tie_word_embeddings else 2)
         return self.n_layers * per_layer + embeddings + d
+
+    def embedding_size(self, dim: int) -> int:
+        """Size of the embedding matrix (vocab_size, dim) along `dim`."""
+        return (self.vocab_size, self.dim)[dim]
 
     def kv_cache_bytes_per_token(self, bytes_per_element: int) -> int:
         """Bytes of K and V cached per token, over all layers."""

@@ -172,6 +172,13 @@ class Transformer(nn.Module):
         """(Re)compute non-persistent buffers on the parameters' device, e.g. after loading on meta."""
         self.inv_freq = rope_frequencies(self.config, device=self.embed_tokens.weight.device)
 
+    def _apply(self, fn, recurse=True):
+        # .to(dtype) would also cast inv_freq, and bf16 frequencies ruin positions in the thousands:
+        # recompute them in fp32 after every move or cast.
+        super()._apply(fn, recurse)
+        self.init_buffers()
+        return self
+
     @torch.no_grad()
     def init_weights(self, std: float = 0.02) -> None:
         """Initialise for training from scratch: N(0, std), residual projections scaled by 1/sqrt(2L)."""

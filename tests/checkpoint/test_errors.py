@@ -131,3 +131,24 @@ def test_written_files_get_the_usual_permissions(folder):
     umask = os.umask(0)
     os.umask(umask)
     assert all(p.stat().st_mode & 0o777 == 0o666 & ~umask for p in folder.iterdir())  # not safetensors' 0600
+
+
+def test_llama32_scaling_factor_is_inferred_from_metas_params(tmp_path):
+    from llamakit.checkpoint.meta import config_from_params
+
+    for preset in ("llama3.2-1b", "llama3.1-8b"):  # Meta's 3.2 params.json carry no scaling factor
+        c = ModelConfig.from_preset(preset)
+        (tmp_path / "params.json").write_text(json.dumps({
+            "dim": c.dim, "n_layers": c.n_layers, "n_heads": c.n_heads, "n_kv_heads": c.n_kv_heads,
+            "vocab_size": c.vocab_size, "multiple_of": c.multiple_of, "ffn_dim_multiplier": c.ffn_dim_multiplier,
+            "norm_eps": c.norm_eps, "rope_theta": c.rope_theta, "use_scaled_rope": True}))
+        assert config_from_params(tmp_path).rope_scaling == c.rope_scaling
+
+
+def test_meta_shards_that_disagree(tmp_path, folder):
+    save_model(load_model(folder), tmp_path / "meta", "meta", shards=2)
+    shard = torch.load(tmp_path / "meta" / "consolidated.01.pth", weights_only=True)
+    shard.pop("layers.1.ffn_norm.weight")
+    torch.save(shard, tmp_path / "meta" / "consolidated.01.pth")
+    with pytest.raises(CheckpointError, match="consolidated.01.pth: holds different weights"):
+        load_model(tmp_path / "meta")

@@ -86,14 +86,22 @@ def test_dtype_conversion_on_save_and_load(hf_folder, tmp_path):
     assert {p.dtype for p in model.parameters()} == {torch.float16}
 
 
-def test_meta_params_json_is_metas_vocabulary(hf_folder, tmp_path):
-    save_model(load_model(hf_folder), tmp_path / "meta", "meta", shards=2)
+@pytest.mark.parametrize("rope_theta", [10000.0, 500000.0])
+def test_meta_layout_follows_the_model_generation(tmp_path, rope_theta):
+    """Llama 1/2 layout (params without rope keys, embedding split by width) or Llama 3's (by vocabulary)."""
+    from llamakit import ModelConfig, Transformer
+
+    model = Transformer(ModelConfig(dim=64, n_layers=1, n_heads=8, vocab_size=128, multiple_of=32, rope_theta=rope_theta))
+    save_model(model, tmp_path / "meta", "meta", shards=2)
     params = json.loads((tmp_path / "meta" / "params.json").read_text())
-    assert {"dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "multiple_of", "norm_eps", "rope_theta"} <= set(params)
+    assert {"dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "multiple_of", "norm_eps"} <= set(params)
     assert "max_seq_len" not in params  # Meta's Llama.build passes it separately; duplicating it breaks their code
+    llama3 = rope_theta == 500000.0
+    assert ("rope_theta" in params) == llama3  # Llama 2's ModelArgs dataclass rejects unknown keys
     shard = torch.load(tmp_path / "meta" / "consolidated.00.pth", weights_only=True)
     assert shard["layers.0.attention.wq.weight"].shape == (32, 64)  # half of 8 heads x 8 dims
-    assert shard["tok_embeddings.weight"].shape == (64, 64)  # vocabulary split (Llama 3 style)
+    assert shard["tok_embeddings.weight"].shape == ((64, 64) if llama3 else (128, 32))
+    assert load_config(tmp_path / "meta").rope_theta == rope_theta
 
 
 def test_meta_llama2_style_width_split_embedding(tmp_path):

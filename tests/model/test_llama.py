@@ -122,3 +122,11 @@ def test_cuda_matches_cpu(dtype):
         ref = model(tokens)
         got = model.to("cuda", dtype)(tokens.cuda()).cpu()
     assert (got - ref).abs().max().item() < (1e-4 if dtype == torch.float32 else 0.1 * ref.abs().max().item())
+
+
+def test_rope_frequencies_stay_fp32_after_casting_the_model():
+    from llamakit.model.llama import rope_frequencies
+
+    model = Transformer(ModelConfig.from_preset("stories260k").replace(rope_theta=500000.0)).to(torch.bfloat16)
+    assert model.embed_tokens.weight.dtype == torch.bfloat16
+    assert model.inv_freq.dtype == torch.float32 and torch.equal(model.inv_freq, rope_frequencies(model.config))

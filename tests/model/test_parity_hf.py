@@ -74,3 +74,19 @@ def test_scaled_rope_changes_long_positions(tmp_path):
     model.init_buffers()
     with torch.no_grad():
         assert (model(tokens) - hf_logits(hf, tokens)).abs().max().item() > 1e-2
+
+
+def test_transformers_v4_config_schema(tmp_path):
+    """transformers v5 writes rope_parameters; v4 (and most hub files) write rope_theta + rope_scaling."""
+    import json
+
+    hf = hf_llama(**VARIANTS["scaled_rope"])
+    hf.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    rope = config.pop("rope_parameters", None) or {**config.pop("rope_scaling"), "rope_theta": config.pop("rope_theta")}
+    config["rope_theta"] = rope.pop("rope_theta")
+    config["rope_scaling"] = rope
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    tokens = random_tokens(hf.config.vocab_size, length=96)
+    with torch.no_grad():
+        assert (load_model(tmp_path)(tokens) - hf_logits(hf, tokens)).abs().max().item() <= TOL
