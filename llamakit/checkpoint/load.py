@@ -11,7 +11,7 @@ from llamakit.checkpoint.io import check_state_dict, read_json
 from llamakit.errors import CheckpointError, ConfigError
 from llamakit.model.config import ModelConfig, resolve_dtype
 from llamakit.model.llama import Transformer
-from llamakit.tokenizer import Tokenizer, check_vocab, load_tokenizer
+from llamakit.tokenizer import TOKENIZER_FILES, Tokenizer, check_vocab, load_tokenizer
 
 NATIVE_KEY = "llamakit"  # config.json block that marks (and exactly describes) our own format
 NATIVE_VERSION = 1
@@ -103,9 +103,7 @@ def find_tokenizer(path: str | Path) -> Path | None:
     """The tokenizer file stored with a checkpoint folder, if any."""
     path = Path(path)
     if path.is_dir():
-        for candidate in (path / "tokenizer.model", path / "original" / "tokenizer.model"):
-            if candidate.is_file():
-                return candidate
+        return next((path / name for name in TOKENIZER_FILES if (path / name).is_file()), None)
     return None
 
 

@@ -13,7 +13,7 @@ from llamakit.tokenizer.spm import NotSentencePieceError, SentencePieceTokenizer
 from llamakit.tokenizer.tiktoken_bpe import TiktokenTokenizer, looks_like_tiktoken_ranks
 
 # Where a checkpoint directory keeps its tokenizer: Meta's layout, then Hugging Face's Llama 3 layout.
-_CANDIDATES = ("tokenizer.model", "original/tokenizer.model")
+TOKENIZER_FILES = ("tokenizer.model", "original/tokenizer.model")
 # llama2.c tokenizer exports are small (433 KB for Llama 2's 32000 tokens); model .bin files are not.
 _MAX_EXPORT_BYTES = 16 * 2**20
 
@@ -37,7 +37,7 @@ def _resolve(path: Path) -> Path:
                              "or the checkpoint directory that contains it")
     if not path.is_dir():
         return path
-    for name in _CANDIDATES:
+    for name in TOKENIZER_FILES:
         if (path / name).is_file():
             return path / name
     raise TokenizerError(f"directory {path} has no tokenizer.model (nor original/tokenizer.model).{_dir_hint(path)} "
