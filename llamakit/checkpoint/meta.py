@@ -139,10 +139,8 @@ def read_meta_config(folder: Path) -> ModelConfig:
     embedding, which needs the data).
     """
     width = read_json(folder / "params.json").get("dim")
-    shards = [torch_load(p) for p in shard_files(folder)]  # memory-mapped: only shapes are read
-    embeds = [s.get("tok_embeddings.weight") for s in shards]
-    if any(e is None for e in embeds):
-        raise CheckpointError(f"{folder}: a shard has no tok_embeddings.weight; this is not a Llama checkpoint")
+    shards = _open_shards(folder)  # memory-mapped: only shapes are read
+    embeds = [s["tok_embeddings.weight"] for s in shards]
     vocab = sum(e.shape[0] for e in embeds) if embeds[0].shape[1] == width else embeds[0].shape[0]
     config = config_from_params(folder, vocab_size=vocab)
     return config.replace(tie_word_embeddings="output.weight" not in shards[0])
@@ -151,6 +149,26 @@ def read_meta_config(folder: Path) -> ModelConfig:
 def read_meta(folder: Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
     """Config and merged weights (our names, rotate-half layout) from any number of shards."""
     width = read_json(folder / "params.json").get("dim")
+    shards = _open_shards(folder)
+    merged = {}
+    for key in shards[0]:
+        if key in IGNORED_KEYS:
+            continue
+        name = meta_to_ours(key)
+        if name is None:
+            raise CheckpointError(f"{folder}: unknown weight {key!r} in consolidated.00.pth")
+        merged[name] = _merge(name, [s[key] for s in shards], width, folder)
+    embed = merged["embed_tokens.weight"]
+    config = config_from_params(folder, vocab_size=embed.shape[0])
+    tied = "lm_head.weight" not in merged or torch.equal(merged["lm_head.weight"], embed)
+    if tied:  # Meta writes the shared matrix twice for tied models (Llama 3.2); we keep one copy
+        merged.pop("lm_head.weight", None)
+    config = config.replace(tie_word_embeddings=tied)
+    return config, {name: permute_rope_rows(name, t, config, to_halves=True) for name, t in merged.items()}
+
+
+def _open_shards(folder: Path) -> list[dict[str, torch.Tensor]]:
+    """Every shard's state dict (memory-mapped), checked to hold the same Llama weights."""
     files = shard_files(folder)
     shards = [torch_load(p) for p in files]
     for file, shard in zip(files[1:], shards[1:]):
@@ -160,21 +178,7 @@ def read_meta(folder: Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
                                   "the shards come from different checkpoints or one is damaged")
     if "tok_embeddings.weight" not in shards[0]:
         raise CheckpointError(f"{files[0]}: no tok_embeddings.weight; this is not a Llama checkpoint")
-    merged = {}
-    for key in shards[0]:
-        if key in IGNORED_KEYS:
-            continue
-        name = meta_to_ours(key)
-        if name is None:
-            raise CheckpointError(f"{folder}: unknown weight {key!r} in consolidated.00.pth")
-        merged[name] = _merge(name, [s[key] for s in shards], width, folder)
-    embed = merged.get("embed_tokens.weight")
-    config = config_from_params(folder, vocab_size=None if embed is None else embed.shape[0])
-    tied = "lm_head.weight" not in merged or torch.equal(merged["lm_head.weight"], embed)
-    if tied:  # Meta writes the shared matrix twice for tied models (Llama 3.2); we keep one copy
-        merged.pop("lm_head.weight", None)
-    config = config.replace(tie_word_embeddings=tied)
-    return config, {name: permute_rope_rows(name, t, config, to_halves=True) for name, t in merged.items()}
+    return shards
 
 
 def _merge(name: str, pieces: list[torch.Tensor], width: int, folder: Path) -> torch.Tensor:
