@@ -49,7 +49,7 @@ def read_checkpoint(path: str | Path) -> tuple[ModelConfig, dict[str, torch.Tens
         return meta.read_meta(path)
     if fmt == "llama2c":
         return llama2c.read_llama2c(_llama2c_file(path))
-    config = load_config(path)
+    config = _read_config(path, fmt)
     state = {}
     for name, tensor in hf.read_hf_state(path, config):
         if name in state:
@@ -59,9 +59,12 @@ def read_checkpoint(path: str | Path) -> tuple[ModelConfig, dict[str, torch.Tens
 
 
 def load_config(path: str | Path) -> ModelConfig:
-    """The model configuration of a checkpoint (or, for Meta folders lacking vocab_size, after reading weights)."""
+    """The model configuration of a checkpoint, read without loading its weights."""
     path = Path(path)
-    fmt = detect_format(path)
+    return _read_config(path, detect_format(path))
+
+
+def _read_config(path: Path, fmt: str) -> ModelConfig:
     if fmt == "llamakit":
         return _native_config(path / "config.json")
     if fmt == "hf":
