@@ -106,7 +106,7 @@ def main() -> None:
         rows[f"llamakit load_model ({label})"] = measure("llamakit", path, args.repeats)
     reference = rows["transformers.from_pretrained (hf)"]
     print(f"\n{args.preset}, median of {args.repeats} fresh processes each\n")
-    print(f"| loader (format) | checkpoint | load s | load+forward s | peak RSS above baseline | time vs HF | RSS vs HF |")
+    print("| loader (format) | checkpoint | load s | load+forward s | peak RSS above baseline | time vs HF | RSS vs HF |")
     print("|---|---|---|---|---|---|---|")
     disk = {f"llamakit load_model ({label})": size_on_disk(p) for label, p in paths.items()}
     disk["transformers.from_pretrained (hf)"] = size_on_disk(paths["hf (llamakit)"])

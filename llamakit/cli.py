@@ -18,7 +18,7 @@ def convert(args: argparse.Namespace) -> None:
     from llamakit.checkpoint import find_tokenizer, load_model, save_model
 
     if args.shards is not None and args.to != "meta":
-        raise LlamakitError(f"--shards applies to --to meta only (Hugging Face files are split by --max-shard-size)")
+        raise LlamakitError("--shards applies to --to meta only (Hugging Face files are split by --max-shard-size)")
     tokenizer = args.tokenizer or find_tokenizer(args.src)
     if args.to == "llama2c":
         tokenizer = None  # a llama2.c file has no place for one

@@ -15,7 +15,7 @@ def hf_llama(seed: int = 0, **overrides):
     torch.manual_seed(seed)
     model = LlamaForCausalLM(LlamaConfig(**{**BASE, **overrides})).eval()
     with torch.no_grad():
-        for name, p in model.named_parameters():
+        for p in model.parameters():
             if p.ndim == 1:  # RMSNorm gains around 1
                 p.copy_(1 + 0.1 * torch.randn_like(p))
             else:

@@ -10,6 +10,7 @@ interleaved pairs like Meta's code, so wq/wk are permuted on the way in and out.
 
 from __future__ import annotations
 
+import math
 import struct
 from pathlib import Path
 
@@ -66,24 +67,22 @@ def _config(dims: list[int], shared: bool) -> ModelConfig | None:
 
 def _layout(config: ModelConfig, version: int) -> list[tuple[str | None, int]]:
     """(our name or None for skipped data, element count) in file order."""
-    c, L = config, range(config.n_layers)
-    sizes = {"wq": c.dim * c.dim, "wk": c.dim * c.kv_heads * c.head_dim, "wv": c.dim * c.kv_heads * c.head_dim,
-             "wo": c.dim * c.dim, "w1": c.dim * c.ffn_hidden_dim, "w2": c.dim * c.ffn_hidden_dim,
-             "w3": c.dim * c.ffn_hidden_dim}
-    attn_norms = [(f"layers.{i}.input_layernorm.weight", c.dim) for i in L]
-    ffn_norms = [(f"layers.{i}.post_attention_layernorm.weight", c.dim) for i in L]
-    embed = [("embed_tokens.weight", c.vocab_size * c.dim)]
+    L = range(config.n_layers)
+    attn_norms = [f"layers.{i}.input_layernorm.weight" for i in L]
+    ffn_norms = [f"layers.{i}.post_attention_layernorm.weight" for i in L]
 
     def kinds(*names):
-        return [(f"layers.{i}.{LAYER_KINDS[k]}", sizes[k]) for k in names for i in L]
+        return [f"layers.{i}.{LAYER_KINDS[k]}" for k in names for i in L]
 
     if version == 0:
-        rope_tables = [(None, c.max_seq_len * c.head_dim // 2)] * 2  # cos, sin: recomputed by us
-        plan = (embed + attn_norms + kinds("wq", "wk", "wv", "wo") + ffn_norms + kinds("w1", "w2", "w3")
-                + [("norm.weight", c.dim)] + rope_tables)
+        order = (["embed_tokens.weight"] + attn_norms + kinds("wq", "wk", "wv", "wo") + ffn_norms
+                 + kinds("w1", "w2", "w3") + ["norm.weight", None, None])  # None: RoPE cos, sin tables
     else:
-        plan = attn_norms + ffn_norms + [("norm.weight", c.dim)] + embed + kinds("wq", "wk", "wv", "wo", "w1", "w2", "w3")
-    return plan if c.tie_word_embeddings else plan + [("lm_head.weight", c.vocab_size * c.dim)]
+        order = attn_norms + ffn_norms + ["norm.weight", "embed_tokens.weight"] + kinds("wq", "wk", "wv", "wo", "w1", "w2", "w3")
+    if not config.tie_word_embeddings:
+        order.append("lm_head.weight")
+    shapes, table = _shapes(config), config.max_seq_len * config.head_dim // 2
+    return [(name, table if name is None else math.prod(shapes[name])) for name in order]
 
 
 def read_llama2c(path: Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:

@@ -171,7 +171,7 @@ def _open_shards(folder: Path) -> list[dict[str, torch.Tensor]]:
     """Every shard's state dict (memory-mapped), checked to hold the same Llama weights."""
     files = shard_files(folder)
     shards = [torch_load(p) for p in files]
-    for file, shard in zip(files[1:], shards[1:]):
+    for file, shard in zip(files[1:], shards[1:], strict=True):
         if set(shard) != set(shards[0]):
             diff = sorted(set(shard) ^ set(shards[0]))[:3]
             raise CheckpointError(f"{file}: holds different weights than {files[0].name} (e.g. {diff}); "
