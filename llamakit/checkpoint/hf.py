@@ -6,8 +6,8 @@ so converting is only a rename.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import torch
 from safetensors import safe_open
@@ -111,7 +111,7 @@ def _read_file(file: Path) -> Iterator[tuple[str, torch.Tensor]]:
         return
     try:
         with safe_open(file, framework="pt") as f:
-            for name in f.keys():
+            for name in f.keys():  # noqa: SIM118 (safe_open is not iterable)
                 yield name, f.get_tensor(name)
     except Exception as e:  # safetensors raises its own error types for damaged headers
         raise CheckpointError(f"{file}: cannot read safetensors ({e}); the file is damaged or truncated") from None

@@ -7,6 +7,8 @@ from dataclasses import dataclass, field
 
 from llamakit.errors import ConfigError
 
+CHAT_FORMATS = (None, "llama2", "llama3")
+
 
 @dataclass(frozen=True)
 class RopeScaling:
@@ -52,6 +54,7 @@ class ModelConfig:
     rope_scaling: RopeScaling = field(default_factory=RopeScaling)  # used when use_scaled_rope
     max_seq_len: int = 2048
     tie_word_embeddings: bool = False
+    chat_format: str | None = None  # "llama2" or "llama3" dialog format; None follows the tokenizer
 
     def __post_init__(self) -> None:
         if isinstance(self.rope_scaling, dict):  # from JSON
@@ -65,6 +68,8 @@ class ModelConfig:
             _check_number(name, getattr(self, name), float)
         if not isinstance(self.use_scaled_rope, bool) or not isinstance(self.tie_word_embeddings, bool):
             raise ConfigError("model config: use_scaled_rope and tie_word_embeddings must be true or false")
+        if self.chat_format not in CHAT_FORMATS:
+            raise ConfigError(f"model config: chat_format={self.chat_format!r} is not one of {CHAT_FORMATS}")
         if self.kv_heads > self.n_heads:
             raise ConfigError(f"model config: n_kv_heads={self.kv_heads} exceeds n_heads={self.n_heads}")
         if self.dim % self.n_heads:
@@ -110,7 +115,7 @@ class ModelConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict) -> "ModelConfig":
+    def from_dict(cls, data: dict) -> ModelConfig:
         """Build from a dict of our own field names; unknown keys are errors."""
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
@@ -122,14 +127,14 @@ class ModelConfig:
             raise ConfigError(f"model config: {e}") from None
 
     @classmethod
-    def from_preset(cls, name: str) -> "ModelConfig":
+    def from_preset(cls, name: str) -> ModelConfig:
         """A published size by name, e.g. "llama3.1-8b" (see PRESETS)."""
         try:
             return PRESETS[name.lower()]
         except KeyError:
             raise ConfigError(f"unknown preset {name!r}; choose one of: {', '.join(PRESETS)}") from None
 
-    def replace(self, **changes) -> "ModelConfig":
+    def replace(self, **changes) -> ModelConfig:
         return dataclasses.replace(self, **changes)
 
 
@@ -232,7 +237,8 @@ def describe(config: ModelConfig) -> dict[str, str]:
              "rope_theta": config.rope_theta,
              "rope_scaling": (f"llama3 (factor {config.rope_scaling.factor}, original context "
                               f"{config.rope_scaling.original_max_seq_len})") if config.use_scaled_rope else "none",
-             "tied_embeddings": config.tie_word_embeddings, "parameters": f"{n:,}"}
+             "tied_embeddings": config.tie_word_embeddings,
+             "chat_format": config.chat_format or "follows the tokenizer", "parameters": f"{n:,}"}
     for name, size in (("fp32", 4), ("bf16/fp16", 2)):
         facts[f"weights_{name}"] = _bytes(n * size)
         facts[f"kv_cache_per_token_{name}"] = _bytes(config.kv_cache_bytes_per_token(size))

@@ -52,9 +52,14 @@ def scale_frequencies(inv_freq: torch.Tensor, s: RopeScaling) -> torch.Tensor:
 
 
 def rope_cos_sin(inv_freq: torch.Tensor, positions: torch.Tensor, dtype: torch.dtype):
-    """cos and sin of position * frequency, each (T, D), duplicated for the two halves of a head."""
-    angles = positions.float()[:, None] * inv_freq[None, :]  # (T, D/2)
-    angles = torch.cat((angles, angles), dim=-1)  # (T, D)
+    """cos and sin of position * frequency, duplicated for the two halves of a head.
+
+    positions (T,) gives (T, D) tables shared by the batch; per-row positions (B, T) give (B, 1, T, D).
+    """
+    angles = positions.float()[..., None] * inv_freq  # (..., T, D/2)
+    angles = torch.cat((angles, angles), dim=-1)  # (..., T, D)
+    if positions.dim() == 2:
+        angles = angles.unsqueeze(1)  # (B, 1, T, D): one table per row, broadcast over heads
     return angles.cos().to(dtype), angles.sin().to(dtype)
 
 
@@ -77,7 +82,7 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, config.dim, bias=False)
         self.kv_cache: KVCache | None = None
 
-    def forward(self, x, cos, sin, start_pos: int, mask: torch.Tensor | None) -> torch.Tensor:
+    def forward(self, x, cos, sin, start_pos: int | torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
         k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, KV, T, D)
@@ -85,6 +90,8 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if self.kv_cache is not None:
             k, v = self.kv_cache.update(start_pos, k, v)  # (B, KV, S, D)
+            if mask is not None:
+                k, v = k[:, :, :mask.size(-1)], v[:, :, :mask.size(-1)]  # the slots the mask covers
         # Without an explicit mask: causal over the new tokens, except one new token sees the whole cache.
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1,
                                            enable_gqa=self.n_kv_heads != self.n_heads)  # (B, H, T, D)
@@ -115,7 +122,7 @@ class TransformerBlock(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.dim, config.norm_eps)
         self.mlp = MLP(config)
 
-    def forward(self, x, cos, sin, start_pos: int, mask: torch.Tensor | None) -> torch.Tensor:
+    def forward(self, x, cos, sin, start_pos: int | torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         h = x + self.self_attn(self.input_layernorm(x), cos, sin, start_pos, mask)
         return h + self.mlp(self.post_attention_layernorm(h))
 
@@ -134,21 +141,36 @@ class Transformer(nn.Module):
         self.register_buffer("inv_freq", torch.empty(config.head_dim // 2), persistent=False)
         self.init_weights()
 
-    def forward(self, tokens: torch.Tensor, start_pos: int = 0) -> torch.Tensor:
-        """Logits for `tokens` placed at positions start_pos.. (start_pos > 0 needs a KV cache)."""
+    def forward(self, tokens: torch.Tensor, start_pos: int | torch.Tensor = 0, *,
+                mask: torch.Tensor | None = None, logits_at: int | torch.Tensor | None = None) -> torch.Tensor:
+        """Logits for `tokens` at positions start_pos.. (start_pos > 0 needs a KV cache).
+
+        Rows of different lengths (a right-padded batch) pass a (B,) tensor start_pos, each row's
+        own position, and a boolean `mask` (B, 1, T, S), True where a query may see one of the first
+        S cache slots. `logits_at` (an index, or a (B,) tensor of per-row indices) computes the
+        logits of one position per row, which is all decoding needs.
+        """
         B, T = tokens.shape
         h = self.embed_tokens(tokens)  # (B, T, dim)
-        positions = torch.arange(start_pos, start_pos + T, device=tokens.device)
-        cos, sin = rope_cos_sin(self.inv_freq, positions, h.dtype)  # (T, D) each
-        mask = self._prefill_mask(start_pos, T, tokens.device)
+        offsets = torch.arange(T, device=tokens.device)
+        positions = start_pos + offsets if isinstance(start_pos, int) else start_pos[:, None] + offsets  # (T,) / (B, T)
+        cos, sin = rope_cos_sin(self.inv_freq, positions, h.dtype)  # (T, D) or (B, 1, T, D)
+        if mask is None:
+            mask = self._prefill_mask(start_pos, T, tokens.device)
         for layer in self.layers:
             h = layer(h, cos, sin, start_pos, mask)
+        if isinstance(logits_at, int):
+            h = h[:, [logits_at]]  # (B, 1, dim)
+        elif logits_at is not None:
+            h = h[torch.arange(B, device=h.device), logits_at].unsqueeze(1)  # (B, 1, dim)
         h = self.norm(h)
         weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        return F.linear(h, weight).float()  # (B, T, vocab_size)
+        return F.linear(h, weight).float()  # (B, T or 1, vocab_size)
 
-    def _prefill_mask(self, start_pos: int, T: int, device) -> torch.Tensor | None:
+    def _prefill_mask(self, start_pos: int | torch.Tensor, T: int, device) -> torch.Tensor | None:
         """Boolean (T, S) mask for several new tokens after a cached prefix; None when is_causal suffices."""
+        if not isinstance(start_pos, int):
+            raise ValueError("per-row start positions need an explicit attention mask")
         if start_pos == 0 or T == 1 or self.layers[0].self_attn.kv_cache is None:
             return None
         query_pos = torch.arange(start_pos, start_pos + T, device=device)

@@ -42,9 +42,13 @@ class Tokenizer(abc.ABC):
             raise self._out_of_range(ids)
         return self._decode(ids)
 
-    def stream(self) -> StreamDecoder:
-        """A decoder that turns ids into text one at a time, e.g. while generating."""
-        return StreamDecoder(self)
+    def stream(self, follows_text: bool = False) -> StreamDecoder:
+        """A decoder that turns ids into text one at a time, e.g. while generating.
+
+        With follows_text the ids continue a prompt: a SentencePiece word's leading space is kept,
+        as it reads in decode(prompt + ids), where decode(ids) alone would drop it.
+        """
+        return StreamDecoder(self, follows_text)
 
     @property
     @abc.abstractmethod

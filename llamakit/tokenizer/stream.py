@@ -25,8 +25,10 @@ REPLACEMENT = "\ufffd"
 class StreamDecoder:
     """Turns token ids into text one id at a time; the pieces join to `tokenizer.decode(ids)`."""
 
-    def __init__(self, tokenizer: Tokenizer):
+    def __init__(self, tokenizer: Tokenizer, follows_text: bool = False):
+        """follows_text: the ids continue earlier text (a prompt), so a leading space is kept, not dropped."""
         self.tokenizer = tokenizer
+        self.follows_text = follows_text
         self._sentinel = tokenizer.encode("a")[-1]
         self._sentinel_text = tokenizer.decode([self._sentinel])
         if not self._sentinel_text or self._sentinel_text.isspace():
@@ -62,7 +64,7 @@ class StreamDecoder:
     def _reset(self) -> None:
         self._pending: list[int] = []  # ids since the anchor (all ids until the first word)
         self._emitted = ""  # text already given out for _pending (only before the first word)
-        self._windowed = False
+        self._windowed = self.follows_text
 
     def _decode_pending(self) -> str:
         """The text of the ids since the anchor, as it reads inside the whole sequence."""

@@ -6,7 +6,7 @@ import shutil
 import pytest
 
 from llamakit.errors import TokenizerError
-from llamakit.tokenizer import (SentencePieceTokenizer, TiktokenTokenizer, check_vocab, load_tokenizer)
+from llamakit.tokenizer import SentencePieceTokenizer, TiktokenTokenizer, check_vocab, load_tokenizer
 
 
 @pytest.mark.parametrize(("source", "misleading_name", "expected"), [

@@ -1,0 +1,74 @@
+"""A running conversation: the history kept within the context window, each reply streamed."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+
+import torch
+
+from llamakit.errors import LlamakitError
+from llamakit.generate.decode import stream
+from llamakit.generate.sampling import SamplingParams
+from llamakit.model import Transformer
+from llamakit.tokenizer import Tokenizer
+from llamakit.tokenizer.chat import default_style, encode_dialog, stop_ids_for
+
+log = logging.getLogger(__name__)
+
+
+class ChatSession:
+    """Dialog state for one user; `reply(text)` streams the assistant's answer and records it."""
+
+    def __init__(self, model: Transformer, tokenizer: Tokenizer, *, max_seq_len: int, max_new_tokens: int,
+                 params: SamplingParams, system: str | None = None, style: str | None = None,
+                 generator: torch.Generator | None = None):
+        self.model, self.tokenizer, self.params, self.generator = model, tokenizer, params, generator
+        self.max_seq_len, self.max_new_tokens = max_seq_len, max_new_tokens
+        self.style = style or model.config.chat_format or default_style(tokenizer)
+        self.stop_ids = stop_ids_for(tokenizer, self.style)
+        self.system = system
+        self.messages: list[dict[str, str]] = []  # user/assistant turns, oldest first
+        self.dropped = 0  # turns removed from the front by the last reply() to fit the window
+        model.setup_kv_cache(1, max_seq_len)  # once: every reply reuses it
+
+    def reset(self) -> None:
+        """Forget the conversation (the system prompt stays)."""
+        self.messages.clear()
+
+    def reply(self, text: str) -> Iterator[str]:
+        """Stream the answer to the user's text. Closing the iterator early keeps the partial answer."""
+        if not text.strip():
+            raise LlamakitError("empty message; type something, or /help for commands")
+        self.messages.append({"role": "user", "content": text})
+        try:
+            prompt = self._fit_prompt()
+        except LlamakitError:
+            self.messages.pop()
+            raise
+        budget = min(self.max_new_tokens, self.max_seq_len - len(prompt))
+        answer = []
+        try:
+            for piece in stream(self.model, self.tokenizer, prompt, budget, self.params, stop_ids=self.stop_ids,
+                                generator=self.generator, follows_prompt=False):
+                answer.append(piece)
+                yield piece
+        finally:  # also on an interrupted reply, so the next turn sees what the user saw
+            self.messages.append({"role": "assistant", "content": "".join(answer)})
+
+    def _fit_prompt(self) -> list[int]:
+        """The prompt ids, after dropping the oldest exchanges until a reply has room."""
+        # Leave room for a full reply, but never demand more than half the window for it.
+        limit = self.max_seq_len - min(self.max_new_tokens, self.max_seq_len // 2)
+        self.dropped = 0
+        while True:
+            system = [{"role": "system", "content": self.system}] if self.system else []
+            prompt = encode_dialog(self.tokenizer, system + self.messages, self.style)
+            if len(prompt) <= limit:
+                return prompt
+            if len(self.messages) == 1:
+                raise LlamakitError(f"this message makes a {len(prompt)}-token prompt, more than the {limit} tokens "
+                                    f"that leave room for a reply within max_seq_len={self.max_seq_len}; shorten it "
+                                    "(or the system prompt), or raise --max-seq-len")
+            del self.messages[:2]  # the oldest user turn and its answer
+            self.dropped += 2
