@@ -21,7 +21,8 @@ def detect_format(path: str | Path) -> str:
     """'llamakit', 'hf', 'meta' or 'llama2c', decided from the files' content, never their names."""
     path = Path(path)
     if not path.exists():
-        raise CheckpointError(f"{path}: no such file or directory")
+        raise CheckpointError(f"{path}: no such file or directory; pass the path of a checkpoint folder "
+                              "(Meta, Hugging Face or llamakit) or of a llama2.c .bin file")
     if path.is_file():
         if llama2c.read_header(path) is not None:
             return "llama2c"
