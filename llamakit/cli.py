@@ -59,7 +59,7 @@ def generate(args: argparse.Namespace) -> None:
     from llamakit.generate import stream
 
     model, tokenizer, params, generator = _load_for_generation(args)
-    prompts = [sys.stdin.read() if p == "-" else p for p in args.prompts]
+    prompts = [sys.stdin.read().removesuffix("\n") if p == "-" else p for p in args.prompts]
     for i, prompt in enumerate(prompts):
         if not prompt:
             raise LlamakitError(f"prompt {i + 1} is empty; give some text (or '-' to read it from stdin)")

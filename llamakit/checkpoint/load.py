@@ -114,11 +114,11 @@ def find_tokenizer(path: str | Path) -> Path | None:
 def load_checkpoint(path: str | Path, tokenizer: str | Path | None = None, dtype=None,
                     device: torch.device | str = "cpu") -> tuple[Transformer, Tokenizer]:
     """Model and tokenizer (given, or found beside the weights), checked to share a vocabulary."""
+    config = load_config(path)  # first: a wrong path is reported as such, not as a missing tokenizer
     tokenizer_path = tokenizer or find_tokenizer(path)
     if tokenizer_path is None:
         raise CheckpointError(f"{path}: no tokenizer.model beside the weights; pass the tokenizer file explicitly")
     tok = load_tokenizer(tokenizer_path)
-    config = load_config(path)
     check_vocab(tok, config.vocab_size, str(path))
     return load_model(path, dtype=dtype, device=device), tok
 

@@ -40,11 +40,12 @@ class ChatSession:
         """Stream the answer to the user's text. Closing the iterator early keeps the partial answer."""
         if not text.strip():
             raise LlamakitError("empty message; type something, or /help for commands")
+        before = list(self.messages)
         self.messages.append({"role": "user", "content": text})
         try:
             prompt = self._fit_prompt()
         except LlamakitError:
-            self.messages.pop()
+            self.messages[:] = before  # a refused message costs no history
             raise
         budget = min(self.max_new_tokens, self.max_seq_len - len(prompt))
         answer = []

@@ -4,8 +4,15 @@ import pytest
 import torch
 
 from llamakit.errors import ConfigError
-from llamakit.generate.sampling import (SamplingParams, apply_repetition_penalty, min_p_filter, sample, token_logprobs,
-                                        top_k_filter, top_p_filter)
+from llamakit.generate.sampling import (
+    SamplingParams,
+    apply_repetition_penalty,
+    min_p_filter,
+    sample,
+    token_logprobs,
+    top_k_filter,
+    top_p_filter,
+)
 
 
 def _logits(batch=4, vocab=50, seed=0):

@@ -1,0 +1,157 @@
+"""Decode and prefill speed: llamakit next to transformers `generate`, and against the memory-bandwidth bound.
+
+    python benchmarks/decode.py [--configs 15m,110m,1b] [--dtypes fp32,bf16] [--batches 1,8]
+                                [--new-tokens 128] [--repeats 3] [--compile] [--output results.json]
+
+Both libraries run the same random weights (one set of tensors, shared) in the same process, greedy,
+for exactly --new-tokens tokens after a 16-token prompt; the figure is the median over --repeats runs
+after a warm-up. Decoding one token reads every weight once (the embedding table excepted: one row),
+so tokens/s can be at most bandwidth / weight bytes per step; the bandwidth is measured here, as the
+best of a large sum() and a large matrix-vector product. Prefill is timed separately on a 512-token prompt.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import torch
+
+from llamakit.checkpoint.hf import config_to_hf
+from llamakit.generate import SamplingParams, generate
+from llamakit.model import ModelConfig, Transformer, resolve_dtype
+
+CONFIGS = {  # ~15M and ~110M: the tinyllamas shapes; ~1B: TinyLlama-1.1B's shape (GQA, 32k vocabulary)
+    "15m": ModelConfig.from_preset("stories15m").replace(max_seq_len=1024),
+    "110m": ModelConfig.from_preset("stories110m").replace(max_seq_len=1024),
+    "1b": ModelConfig(dim=2048, n_layers=22, n_heads=32, n_kv_heads=4, vocab_size=32000, hidden_dim=5632,
+                      max_seq_len=2048),
+}
+PROMPT_LEN, PREFILL_LEN = 16, 512
+GREEDY = SamplingParams(temperature=0)
+
+
+def median_seconds(fn, repeats: int) -> float:
+    fn()  # warm-up: allocations, caches, one-off dispatch work
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def measure_bandwidth(repeats: int = 5) -> float:
+    """Bytes/s this machine reads from memory: the best of a 1 GiB sum and a 1 GiB matrix-vector product."""
+    x = torch.randn(2**28)  # 1 GiB of fp32, far beyond any cache
+    w, v = x.view(2**14, 2**14), torch.randn(2**14)
+    return x.nbytes / min(median_seconds(x.sum, repeats), median_seconds(lambda: torch.mv(w, v), repeats))
+
+
+def weight_bytes_per_token(model: Transformer) -> int:
+    """Bytes of weights one decode step reads: all of them, except the embedding table, of which one row."""
+    total = sum(p.numel() * p.element_size() for p in model.parameters())
+    embedding = model.embed_tokens.weight
+    return total if model.lm_head is None else total - embedding.numel() * embedding.element_size()
+
+
+def build_pair(config: ModelConfig, dtype: torch.dtype):
+    """Our model with random weights, and a transformers model sharing the very same tensors."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers.initialization import no_init_weights
+
+    torch.manual_seed(0)
+    ours = Transformer(config).to(dtype).eval().requires_grad_(False)
+    hf_config = LlamaConfig(**config_to_hf(config, dtype))
+    hf_config.eos_token_id = None  # random weights: never stop early, always generate --new-tokens
+    with no_init_weights():
+        theirs = LlamaForCausalLM(hf_config).to(dtype)
+    state = {("" if k == "lm_head.weight" else "model.") + k: v for k, v in ours.state_dict().items()}
+    missing, unexpected = theirs.load_state_dict(state, assign=True, strict=False)
+    assert not unexpected and set(missing) <= {"lm_head.weight"}, (missing, unexpected)
+    theirs.tie_weights()  # tied configs: point lm_head at the embedding just assigned
+    return ours, theirs.eval().requires_grad_(False)
+
+
+def decode_pair(ours, theirs, batch: int, new_tokens: int, repeats: int, compiled: bool) -> dict:
+    prompts = torch.randint(3, ours.config.vocab_size, (batch, PROMPT_LEN), generator=torch.Generator().manual_seed(0))
+
+    def run_ours():
+        extra = {"compile": True} if compiled else {}
+        return generate(ours, None, prompts.tolist(), new_tokens, GREEDY, stop_ids=frozenset(), **extra)
+
+    def run_theirs():
+        with torch.inference_mode():
+            return theirs.generate(prompts, attention_mask=torch.ones_like(prompts), max_new_tokens=new_tokens,
+                                   do_sample=False, pad_token_id=0)
+
+    same = [c.tokens for c in run_ours()] == run_theirs()[:, PROMPT_LEN:].tolist()
+    return {"llamakit_s": median_seconds(run_ours, repeats), "transformers_s": median_seconds(run_theirs, repeats),
+            "same_tokens": same}
+
+
+def prefill_pair(ours, theirs, repeats: int) -> dict:
+    tokens = torch.randint(3, ours.config.vocab_size, (1, PREFILL_LEN), generator=torch.Generator().manual_seed(1))
+
+    @torch.inference_mode()
+    def run_ours():
+        ours.setup_kv_cache(1, PREFILL_LEN + 1)
+        return ours(tokens, logits_at=-1)
+
+    @torch.inference_mode()
+    def run_theirs():
+        return theirs(tokens, use_cache=True, logits_to_keep=1)
+
+    return {"llamakit_s": median_seconds(run_ours, repeats), "transformers_s": median_seconds(run_theirs, repeats)}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--configs", default="15m,110m,1b")
+    p.add_argument("--dtypes", default="fp32,bf16")
+    p.add_argument("--batches", default="1,8")
+    p.add_argument("--new-tokens", type=int, default=128)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--compile", action="store_true", help="also run llamakit with the decode step compiled")
+    p.add_argument("--output", help="write all figures as JSON")
+    args = p.parse_args()
+
+    bandwidth = measure_bandwidth()
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, measured read bandwidth "
+          f"{bandwidth / 1e9:.1f} GB/s\n")
+    print("| config | dtype | batch | llamakit tok/s | transformers tok/s | ratio | % of bandwidth bound | same tokens |")
+    print("|---|---|---|---|---|---|---|---|")
+    results = {"bandwidth_bytes_per_s": bandwidth, "decode": [], "prefill": []}
+    for name in args.configs.split(","):
+        for dtype_name in args.dtypes.split(","):
+            ours, theirs = build_pair(CONFIGS[name], resolve_dtype(dtype_name))
+            step_bytes = weight_bytes_per_token(ours)
+            for batch in map(int, args.batches.split(",")):
+                for compiled in (False, True) if args.compile else (False,):
+                    r = decode_pair(ours, theirs, batch, args.new_tokens, args.repeats, compiled)
+                    tokens = batch * args.new_tokens
+                    ours_tps, theirs_tps = tokens / r["llamakit_s"], tokens / r["transformers_s"]
+                    bound = 100 * (ours_tps / batch) * step_bytes / bandwidth  # steps/s x bytes/step vs bandwidth
+                    label = f"{name}{' compiled' if compiled else ''}"
+                    print(f"| {label} | {dtype_name} | {batch} | {ours_tps:.1f} | {theirs_tps:.1f} | "
+                          f"{ours_tps / theirs_tps:.2f}x | {bound:.0f}% | {r['same_tokens']} |", flush=True)
+                    results["decode"].append({"config": name, "dtype": dtype_name, "batch": batch, "compiled": compiled,
+                                              "weight_bytes_per_step": step_bytes, **r})
+            r = prefill_pair(ours, theirs, args.repeats)
+            results["prefill"].append({"config": name, "dtype": dtype_name, "tokens": PREFILL_LEN, **r})
+            del ours, theirs
+    print(f"\nprefill, {PREFILL_LEN}-token prompt, batch 1\n")
+    print("| config | dtype | llamakit tok/s | transformers tok/s | ratio |")
+    print("|---|---|---|---|---|")
+    for r in results["prefill"]:
+        ours_tps, theirs_tps = PREFILL_LEN / r["llamakit_s"], PREFILL_LEN / r["transformers_s"]
+        print(f"| {r['config']} | {r['dtype']} | {ours_tps:.0f} | {theirs_tps:.0f} | {ours_tps / theirs_tps:.2f}x |")
+    if args.output:
+        with open(args.output, "w") as f:
+            json.dump(results, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
