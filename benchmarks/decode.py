@@ -1,9 +1,10 @@
 """Decode and prefill speed: llamakit next to transformers `generate`, and against the memory-bandwidth bound.
 
     python benchmarks/decode.py [--configs 15m,110m,1b] [--dtypes fp32,bf16] [--batches 1,8]
-                                [--new-tokens 128] [--repeats 3] [--compile] [--output results.json]
+                                [--new-tokens 128] [--repeats 3] [--output results.json]
 
-Both libraries run the same random weights (one set of tensors, shared) in the same process, greedy,
+Both libraries run the same random weights in the same process (llamakit after `prepare_for_decoding`,
+which its entry points apply: fp32 CPU matrices stored column-major; transformers as it loads), greedy,
 for exactly --new-tokens tokens after a 16-token prompt; the figure is the median over --repeats runs
 after a warm-up. Decoding one token reads every weight once (the embedding table excepted: one row),
 so tokens/s can be at most bandwidth / weight bytes per step; the bandwidth is measured here, as the
@@ -21,6 +22,7 @@ import torch
 
 from llamakit.checkpoint.hf import config_to_hf
 from llamakit.generate import SamplingParams, generate
+from llamakit.generate.decode import prepare_for_decoding
 from llamakit.model import ModelConfig, Transformer, resolve_dtype
 
 CONFIGS = {  # ~15M and ~110M: the tinyllamas shapes; ~1B: TinyLlama-1.1B's shape (GQA, 32k vocabulary)
@@ -58,7 +60,7 @@ def weight_bytes_per_token(model: Transformer) -> int:
 
 
 def build_pair(config: ModelConfig, dtype: torch.dtype):
-    """Our model with random weights, and a transformers model sharing the very same tensors."""
+    """Our model with random weights, and a transformers model with the same values."""
     from transformers import LlamaConfig, LlamaForCausalLM
     from transformers.initialization import no_init_weights
 
@@ -72,15 +74,14 @@ def build_pair(config: ModelConfig, dtype: torch.dtype):
     missing, unexpected = theirs.load_state_dict(state, assign=True, strict=False)
     assert not unexpected and set(missing) <= {"lm_head.weight"}, (missing, unexpected)
     theirs.tie_weights()  # tied configs: point lm_head at the embedding just assigned
-    return ours, theirs.eval().requires_grad_(False)
+    return prepare_for_decoding(ours), theirs.eval().requires_grad_(False)
 
 
-def decode_pair(ours, theirs, batch: int, new_tokens: int, repeats: int, compiled: bool) -> dict:
+def decode_pair(ours, theirs, batch: int, new_tokens: int, repeats: int) -> dict:
     prompts = torch.randint(3, ours.config.vocab_size, (batch, PROMPT_LEN), generator=torch.Generator().manual_seed(0))
 
     def run_ours():
-        extra = {"compile": True} if compiled else {}
-        return generate(ours, None, prompts.tolist(), new_tokens, GREEDY, stop_ids=frozenset(), **extra)
+        return generate(ours, None, prompts.tolist(), new_tokens, GREEDY, stop_ids=frozenset())
 
     def run_theirs():
         with torch.inference_mode():
@@ -114,7 +115,6 @@ def main() -> None:
     p.add_argument("--batches", default="1,8")
     p.add_argument("--new-tokens", type=int, default=128)
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--compile", action="store_true", help="also run llamakit with the decode step compiled")
     p.add_argument("--output", help="write all figures as JSON")
     args = p.parse_args()
 
@@ -129,16 +129,14 @@ def main() -> None:
             ours, theirs = build_pair(CONFIGS[name], resolve_dtype(dtype_name))
             step_bytes = weight_bytes_per_token(ours)
             for batch in map(int, args.batches.split(",")):
-                for compiled in (False, True) if args.compile else (False,):
-                    r = decode_pair(ours, theirs, batch, args.new_tokens, args.repeats, compiled)
-                    tokens = batch * args.new_tokens
-                    ours_tps, theirs_tps = tokens / r["llamakit_s"], tokens / r["transformers_s"]
-                    bound = 100 * (ours_tps / batch) * step_bytes / bandwidth  # steps/s x bytes/step vs bandwidth
-                    label = f"{name}{' compiled' if compiled else ''}"
-                    print(f"| {label} | {dtype_name} | {batch} | {ours_tps:.1f} | {theirs_tps:.1f} | "
-                          f"{ours_tps / theirs_tps:.2f}x | {bound:.0f}% | {r['same_tokens']} |", flush=True)
-                    results["decode"].append({"config": name, "dtype": dtype_name, "batch": batch, "compiled": compiled,
-                                              "weight_bytes_per_step": step_bytes, **r})
+                r = decode_pair(ours, theirs, batch, args.new_tokens, args.repeats)
+                tokens = batch * args.new_tokens
+                ours_tps, theirs_tps = tokens / r["llamakit_s"], tokens / r["transformers_s"]
+                bound = 100 * (ours_tps / batch) * step_bytes / bandwidth  # steps/s x bytes/step vs bandwidth
+                print(f"| {name} | {dtype_name} | {batch} | {ours_tps:.1f} | {theirs_tps:.1f} | "
+                      f"{ours_tps / theirs_tps:.2f}x | {bound:.0f}% | {r['same_tokens']} |", flush=True)
+                results["decode"].append({"config": name, "dtype": dtype_name, "batch": batch,
+                                          "weight_bytes_per_step": step_bytes, **r})
             r = prefill_pair(ours, theirs, args.repeats)
             results["prefill"].append({"config": name, "dtype": dtype_name, "tokens": PREFILL_LEN, **r})
             del ours, theirs

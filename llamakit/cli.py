@@ -156,6 +156,7 @@ def _load_for_generation(args: argparse.Namespace):
 
     from llamakit.checkpoint import load_checkpoint
     from llamakit.generate import SamplingParams
+    from llamakit.generate.decode import prepare_for_decoding
     from llamakit.generate.meta_api import default_device, default_dtype
 
     params = SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, min_p=args.min_p,
@@ -164,7 +165,7 @@ def _load_for_generation(args: argparse.Namespace):
     model, tokenizer = load_checkpoint(args.checkpoint, args.tokenizer, args.dtype or default_dtype(device), device)
     generator = torch.Generator(device)
     generator.manual_seed(args.seed) if args.seed is not None else generator.seed()
-    return model, tokenizer, params, generator
+    return prepare_for_decoding(model), tokenizer, params, generator
 
 
 def _max_seq_len(args: argparse.Namespace, model) -> int:

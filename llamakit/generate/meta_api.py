@@ -16,7 +16,7 @@ import torch
 
 from llamakit.checkpoint import load_checkpoint
 from llamakit.errors import LlamakitError
-from llamakit.generate.decode import Completion, check_prompts, generate
+from llamakit.generate.decode import Completion, check_prompts, generate, prepare_for_decoding
 from llamakit.generate.sampling import SamplingParams
 from llamakit.model import Transformer, resolve_dtype
 from llamakit.tokenizer import Tokenizer
@@ -66,7 +66,7 @@ class Llama:
 
     def __init__(self, model: Transformer, tokenizer: Tokenizer, max_seq_len: int, max_batch_size: int,
                  seed: int = 1, chat_format: str | None = None):
-        self.model, self.tokenizer = model, tokenizer
+        self.model, self.tokenizer = prepare_for_decoding(model), tokenizer
         self.max_seq_len, self.max_batch_size = max_seq_len, max_batch_size
         self.chat_format = chat_format or model.config.chat_format or default_style(tokenizer)
         torch.manual_seed(seed)  # as Meta's build does, for code that samples with the global RNG

@@ -156,3 +156,22 @@ def test_kv_cache_overflow_is_a_clear_error(model):
     with pytest.raises(LlamakitError, match="KV cache overflow"), torch.no_grad():
         model(torch.tensor([[1] * 10]))
     model.reset_kv_cache()
+
+
+def test_decoding_layout_keeps_values_outputs_and_saving(model, tmp_path):
+    from llamakit import load_model, save_model
+    from llamakit.generate import prepare_for_decoding
+
+    torch.manual_seed(1)
+    fresh = Transformer(CONFIG.replace(tie_word_embeddings=True)).eval()
+    prompts = _prompts([7, 3])
+    before = [c.tokens for c in generate(fresh, None, prompts, 10, GREEDY, stop_ids=frozenset())]
+    state = {k: v.clone() for k, v in fresh.state_dict().items()}
+    prepare_for_decoding(fresh)
+    assert not fresh.layers[0].mlp.up_proj.weight.is_contiguous()  # column-major now
+    assert not fresh.embed_tokens.weight.is_contiguous()  # tied: it is the output matrix too
+    assert all(torch.equal(state[k], v) for k, v in fresh.state_dict().items())
+    assert [c.tokens for c in generate(fresh, None, prompts, 10, GREEDY, stop_ids=frozenset())] == before
+    for fmt in ("llamakit", "meta"):
+        save_model(fresh, tmp_path / fmt, fmt)
+        assert all(torch.equal(state[k], v) for k, v in load_model(tmp_path / fmt).state_dict().items())
