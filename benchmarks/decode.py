@@ -139,13 +139,10 @@ def main() -> None:
                                           "weight_bytes_per_step": step_bytes, **r})
             r = prefill_pair(ours, theirs, args.repeats)
             results["prefill"].append({"config": name, "dtype": dtype_name, "tokens": PREFILL_LEN, **r})
+            ratio = r["transformers_s"] / r["llamakit_s"]
+            print(f"| {name} | {dtype_name} | prefill {PREFILL_LEN} | {PREFILL_LEN / r['llamakit_s']:.0f} | "
+                  f"{PREFILL_LEN / r['transformers_s']:.0f} | {ratio:.2f}x | | |", flush=True)
             del ours, theirs
-    print(f"\nprefill, {PREFILL_LEN}-token prompt, batch 1\n")
-    print("| config | dtype | llamakit tok/s | transformers tok/s | ratio |")
-    print("|---|---|---|---|---|")
-    for r in results["prefill"]:
-        ours_tps, theirs_tps = PREFILL_LEN / r["llamakit_s"], PREFILL_LEN / r["transformers_s"]
-        print(f"| {r['config']} | {r['dtype']} | {ours_tps:.0f} | {theirs_tps:.0f} | {ours_tps / theirs_tps:.2f}x |")
     if args.output:
         with open(args.output, "w") as f:
             json.dump(results, f, indent=2)

@@ -76,7 +76,7 @@ def generate(args: argparse.Namespace) -> None:
             print(f"{prompt}{completion.text}\n")
     if args.stats:
         seconds, produced = time.perf_counter() - start, sum(len(c.tokens) for c in completions)
-        print(f"{produced} tokens in {seconds:.2f} s ({produced / seconds:.1f} tokens/s, prompt included)",
+        print(f"{produced} tokens in {seconds:.2f} s ({produced / seconds:.1f} tokens/s, prefill included)",
               file=sys.stderr)
 
 
@@ -110,14 +110,13 @@ def chat(args: argparse.Namespace) -> None:
         command = text.strip().lower()
         if command in ("/exit", "/quit"):
             return
-        if command in ("/reset", "/help") or not command:
-            if command == "/reset":
-                session.reset()
-                print("[conversation cleared]")
-            elif command == "/help":
-                print(CHAT_HELP)
-            continue
-        _chat_turn(session, text)
+        if command == "/reset":
+            session.reset()
+            print("[conversation cleared]")
+        elif command == "/help":
+            print(CHAT_HELP)
+        elif command:
+            _chat_turn(session, text)
 
 
 CHAT_HELP = "Type a message. /reset clears the history, /exit or Ctrl-D quits, Ctrl-C stops a reply."

@@ -209,7 +209,8 @@ def write_meta(folder: Path, config: ModelConfig, state: dict[str, torch.Tensor]
         dim = embed_dim if name == "embed_tokens.weight" else dim
         for rank in range(shards):
             part = tensor if dim is None else tensor.chunk(shards, dim=dim)[rank]
-            pieces[rank][key] = part.clone(memory_format=torch.contiguous_format)  # a copy of its own: torch.save stores a view's whole storage
+            # A compact copy of its own: torch.save would store a view's whole storage, strides and all.
+            pieces[rank][key] = part.clone(memory_format=torch.contiguous_format)
     for rank, piece in enumerate(pieces):
         torch.save(piece, folder / f"consolidated.{rank:02d}.pth")
     write_json(folder / "params.json", params_json(config))

@@ -86,22 +86,13 @@ def decode_steps(model: Transformer, prompts: Sequence[Sequence[int]], budgets: 
     """
     device = model.embed_tokens.weight.device
     B, lengths = len(prompts), [len(p) for p in prompts]
-    T, steps = max(lengths), max(budgets)
+    steps = max(budgets)
     ensure_kv_cache(model, B, max(n + b for n, b in zip(lengths, budgets)))
-    tokens = torch.zeros(B, T, dtype=torch.long)
-    for b, prompt in enumerate(prompts):
-        tokens[b, :len(prompt)] = torch.as_tensor(prompt)
-    tokens = tokens.to(device)  # (B, T), right-padded with id 0
     lengths_t = torch.tensor(lengths, device=device)
     uniform = len(set(lengths)) == 1 and len(set(budgets)) == 1
-
+    last, prompt_lps = _prefill(model, prompts, lengths_t, uniform, prompt_logprobs)
     if prompt_logprobs:
-        logits = model(tokens)  # (B, T, V): the prompts' own log-likelihoods need every position
-        lp = token_logprobs(logits[:, :-1], tokens[:, 1:]).tolist()  # (B, T - 1)
-        yield None, [row[:n - 1] for row, n in zip(lp, lengths)]
-        last = logits[torch.arange(B, device=device), lengths_t - 1]  # (B, V)
-    else:
-        last = model(tokens, logits_at=T - 1 if uniform else lengths_t - 1)[:, -1]  # (B, V)
+        yield None, prompt_lps
 
     seen = None
     if params.repetition_penalty != 1.0:
@@ -121,12 +112,29 @@ def decode_steps(model: Transformer, prompts: Sequence[Sequence[int]], budgets: 
         if seen is not None:
             seen[torch.arange(B, device=device), next_tokens] = True
         if uniform:
-            last = model(next_tokens[:, None], T + step)[:, -1]  # (B, V)
+            last = model(next_tokens[:, None], lengths[0] + step)[:, -1]  # (B, V)
             continue
         slots = torch.minimum(lengths_t + step, last_slots_t)  # (B,): each row's own position
         visible = max(min(n + step, s) for n, s in zip(lengths, last_slots)) + 1
         mask = (slot_ids[:visible] <= slots[:, None])[:, None, None, :]  # (B, 1, 1, S)
         last = model(next_tokens[:, None], slots, mask=mask)[:, -1]  # (B, V)
+
+
+def _prefill(model: Transformer, prompts: Sequence[Sequence[int]], lengths: torch.Tensor, uniform: bool,
+             prompt_logprobs: bool) -> tuple[torch.Tensor, list[list[float]] | None]:
+    """Run the right-padded prompts through the model, filling the cache; return each row's last logits (B, V)
+    and, if asked, the log-probability of every prompt token after the first."""
+    B, T = len(prompts), max(len(p) for p in prompts)
+    tokens = torch.zeros(B, T, dtype=torch.long)
+    for b, prompt in enumerate(prompts):
+        tokens[b, :len(prompt)] = torch.as_tensor(prompt)
+    tokens = tokens.to(lengths.device)  # (B, T), right-padded with id 0
+    if not prompt_logprobs:
+        return model(tokens, logits_at=T - 1 if uniform else lengths - 1)[:, -1], None  # (B, V)
+    logits = model(tokens)  # (B, T, V): the prompts' own log-likelihoods need every position
+    lp = token_logprobs(logits[:, :-1], tokens[:, 1:]).tolist()  # (B, T - 1)
+    last = logits[torch.arange(B, device=tokens.device), lengths - 1]  # (B, V)
+    return last, [row[:len(p) - 1] for row, p in zip(lp, prompts)]
 
 
 class RowOutput:

@@ -160,7 +160,7 @@ def test_prompt_from_stdin_and_stats_on_stderr(cli, ckpt, llama):
     result = run("generate", "-", *model_args(ckpt), *GREEDY, "--stats", stdin=PROMPT)
     assert result.returncode == 0 and result.stdout == expected
     produced = len(llama.generate([llama.tokenizer.encode(PROMPT, bos=True)], NEW_TOKENS, temperature=0)[0][0])
-    assert re.fullmatch(rf"{produced} tokens in \d+\.\d\d s \(\d+\.\d tokens/s, prompt included\)\n", result.stderr), \
+    assert re.fullmatch(rf"{produced} tokens in \d+\.\d\d s \(\d+\.\d tokens/s, prefill included\)\n", result.stderr), \
         result.stderr
 
 
