@@ -20,7 +20,6 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 
 from llamakit import Llama, load_model, save_model
 from llamakit.cli import main
@@ -32,15 +31,6 @@ NEW_TOKENS = 48
 # waits for a descheduled thread (measured 30x slower). HF_HUB_OFFLINE: never wait on a network.
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
 GREEDY = ["--temperature", "0", "--max-new-tokens", str(NEW_TOKENS)]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """In-process runs use one thread too (see ENV), so they match the subprocesses bit for bit."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 from llamakit import Llama, load_model, save_model
 from llamakit.tokenizer.chat import UNSAFE_REPLY
@@ -27,15 +26,6 @@ def example(name: str):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """The in-process references use one thread too, so sampled tokens match the subprocesses exactly."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
