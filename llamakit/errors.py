@@ -18,3 +18,7 @@ class TokenizerError(LlamakitError):
 
 class CheckpointError(LlamakitError):
     """A missing, malformed or mismatched checkpoint."""
+
+
+class DataError(LlamakitError):
+    """Missing, empty, malformed or mismatched training data."""

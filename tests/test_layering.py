@@ -10,6 +10,9 @@ ALLOWED = {  # layer -> layers it may import (errors is a leaf every layer may u
     "model": {"model", "errors"},
     "tokenizer": {"tokenizer", "errors"},
     "checkpoint": {"checkpoint", "model", "tokenizer", "errors"},
+    "generate": {"generate", "model", "tokenizer", "checkpoint", "errors"},
+    "data": {"data", "tokenizer", "errors"},
+    "train": {"train", "data", "model", "tokenizer", "checkpoint", "generate", "errors"},
 }
 
 
