@@ -1,0 +1,124 @@
+"""The training loop every method shares: pretraining, SFT, LoRA, DPO differ only in data, objective and
+which parameters train.
+
+Each optimizer step: this process's micro-batches -> forward/backward each (gradients accumulate; the
+all-reduce happens once, on the last) -> clip -> AdamW step at the scheduled learning rate. The loss is
+normalised over the whole global batch, so results do not depend on how many processes share it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from llamakit.train.metrics import MetricsLog
+from llamakit.train.optim import set_lr
+from llamakit.train.parallel import all_reduce_sum, gradient_sync
+from llamakit.train.state import Checkpointer, TrainState
+
+Batch = dict[str, torch.Tensor]
+
+
+@dataclass
+class LoopSettings:
+    max_steps: int
+    grad_clip: float  # 0: no clipping (the norm is still measured and logged)
+    precision: str  # fp32, bf16, fp16
+    eval_every: int  # 0: only at the end
+    save_every: int  # 0: only the final model
+    log_every: int
+    world_size: int = 1
+    flops_per_token: float = 0.0
+    peak_flops: float = 0.0  # of one device
+
+
+@dataclass
+class LoopData:
+    train_step: Callable[[int], list[Batch]]  # this process's micro-batches of optimizer step `step`
+    val_batches: list[Batch]  # this process's share of the validation set (the same at every evaluation)
+
+
+def train(model: nn.Module, objective, optimizer: torch.optim.Optimizer, schedule: Callable[[int], float],
+          data: LoopData, settings: LoopSettings, state: TrainState, checkpointer: Checkpointer,
+          metrics: MetricsLog, scaler: torch.amp.GradScaler | None = None) -> TrainState:
+    """Run optimizer steps state.step .. max_steps - 1, evaluating, logging and checkpointing on the way."""
+    device = next(model.parameters()).device
+    autocast = _autocast(settings.precision, device)
+    model.train()
+    while state.step < settings.max_steps:
+        start = time.perf_counter()
+        lr = schedule(state.step)
+        set_lr(optimizer, lr)
+        loss, weight, grad_norm = _step(model, objective, optimizer, data.train_step(state.step), autocast,
+                                        settings, scaler, device)
+        state.step += 1
+        state.tokens_seen += int(weight)
+        seconds = time.perf_counter() - start
+        values = {"loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens_per_s": weight / seconds,
+                  "tokens_seen": state.tokens_seen}
+        if settings.peak_flops:
+            values["mfu"] = weight * settings.flops_per_token / seconds / (settings.peak_flops * settings.world_size)
+        last = state.step == settings.max_steps
+        if (settings.eval_every and state.step % settings.eval_every == 0) or last:
+            values["val_loss"] = evaluate(model, objective, data.val_batches, autocast, device)
+        metrics.record(state.step, values, show=state.step % settings.log_every == 0 or last or "val_loss" in values)
+        if settings.save_every and state.step % settings.save_every == 0 and not last:
+            checkpointer.save(model, optimizer, scaler, state)
+    return state
+
+
+def _step(model, objective, optimizer, micro_batches: list[Batch], autocast, settings: LoopSettings, scaler,
+          device) -> tuple[float, float, float]:
+    """One optimizer step; returns the global mean loss, the global weight (target tokens) and the grad norm."""
+    (weight,) = all_reduce_sum([sum(objective.weight(b) for b in micro_batches)], device)
+    # DDP and FSDP average gradients over processes; scale by world_size so the sum over all target
+    # tokens is divided exactly once, by the global weight.
+    scale = settings.world_size / weight
+    total = torch.zeros((), device=device, dtype=torch.float64)
+    for i, batch in enumerate(micro_batches):
+        batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+        with gradient_sync(model, enabled=i == len(micro_batches) - 1), autocast:
+            loss_sum = objective.loss(model, batch)
+        scaled = loss_sum * scale
+        (scaler.scale(scaled) if scaler is not None else scaled).backward()
+        total += loss_sum.detach()
+    if scaler is not None:
+        scaler.unscale_(optimizer)
+    grad_norm = nn.utils.clip_grad_norm_(model.parameters(), settings.grad_clip or float("inf"))
+    if hasattr(grad_norm, "full_tensor"):  # FSDP2: a DTensor
+        grad_norm = grad_norm.full_tensor()
+    if scaler is not None:
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    (loss,) = all_reduce_sum([float(total)], device)
+    return loss / weight, weight, float(grad_norm)
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, objective, batches: list[Batch], autocast, device) -> float:
+    """Mean objective over the validation batches of every process."""
+    model.eval()
+    total, weight = 0.0, 0.0
+    for batch in batches:
+        batch = {k: v.to(device) for k, v in batch.items()}
+        with autocast:
+            total += float(objective.loss(model, batch))
+        weight += objective.weight(batch)
+    model.train()
+    total, weight = all_reduce_sum([total, weight], device)
+    return total / max(weight, 1)
+
+
+def _autocast(precision: str, device: torch.device):
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return torch.autocast(device.type, dtype=dtype)

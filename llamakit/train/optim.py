@@ -1,0 +1,40 @@
+"""The LLaMA optimizer recipe: AdamW without decay on norms and biases, linear warmup, cosine decay to a floor."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from llamakit.train.config import OptimSection
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """Matrices (projections, embeddings) decay; vectors (RMSNorm gains, biases) do not."""
+    trainable = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+    decay = [p for _, p in trainable if p.ndim >= 2]
+    no_decay = [p for _, p in trainable if p.ndim < 2]
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def build_optimizer(model: nn.Module, cfg: OptimSection) -> torch.optim.AdamW:
+    """AdamW over the trainable parameters only (frozen ones get no state)."""
+    groups = [g for g in param_groups(model, cfg.weight_decay) if g["params"]]
+    # foreach is the fast path on CPU and GPU alike; fused is CUDA-only and changes results slightly.
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, foreach=True)
+
+
+def lr_at(step: int, cfg: OptimSection, max_steps: int) -> float:
+    """Learning rate for optimizer step `step` (0-based): linear warmup, then cosine to min_lr_ratio * lr."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    decay_steps = max(max_steps - 1 - cfg.warmup_steps, 1)  # the last step runs at the floor
+    progress = min((step - cfg.warmup_steps) / decay_steps, 1.0)
+    floor = cfg.lr * cfg.min_lr_ratio
+    return floor + (cfg.lr - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = lr

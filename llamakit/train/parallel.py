@@ -1,0 +1,120 @@
+"""Processes and parallelism, applied to an existing model from outside (the model knows nothing of them).
+
+Order, as for large models: tensor parallelism (a later step: it would swap q/k/v/o and the MLP
+projections for column/row-parallel versions here, before anything else) -> activation checkpointing ->
+torch.compile -> data parallelism (FSDP2 `fully_shard` per block, then the root; or DDP).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import logging
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from llamakit.errors import ConfigError
+from llamakit.train.config import TrainSection
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Processes:
+    """This process's place in the job (torchrun sets RANK, WORLD_SIZE, LOCAL_RANK)."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def init_processes(device: str = "auto") -> Processes:
+    """Join the torchrun job if there is one (NCCL on CUDA, gloo on CPU) and pick this process's device."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError("train.device=cuda but no CUDA device is visible; use train.device=cpu")
+        dev = torch.device("cuda", local_rank if dev.index is None else dev.index)
+        torch.cuda.set_device(dev)
+    if world_size > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
+    return Processes(rank, world_size, local_rank, dev)
+
+
+def close_processes() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def parallelize(model: nn.Module, cfg: TrainSection, procs: Processes) -> nn.Module:
+    """Apply activation checkpointing, compile and data parallelism to `model`, in that order."""
+    if cfg.activation_checkpointing:
+        for block in model.layers:
+            # Recompute each block's activations in backward instead of storing them (LLaMA §2.4).
+            block.forward = functools.partial(checkpoint, block.forward, use_reentrant=False)
+    if cfg.compile:
+        for block in model.layers:
+            block.compile()
+    if procs.world_size == 1:
+        return model
+    if _data_parallel_kind(cfg, procs) == "fsdp":
+        from torch.distributed.fsdp import fully_shard
+
+        for block in model.layers:
+            fully_shard(block)
+        fully_shard(model)
+        return model
+    from torch.nn.parallel import DistributedDataParallel
+
+    return DistributedDataParallel(model, device_ids=[procs.device.index] if procs.device.type == "cuda" else None)
+
+
+def _data_parallel_kind(cfg: TrainSection, procs: Processes) -> str:
+    if cfg.parallel in ("fsdp", "auto"):
+        try:
+            from torch.distributed.fsdp import fully_shard  # noqa: F401
+            return "fsdp"
+        except ImportError:
+            if cfg.parallel == "fsdp":
+                raise ConfigError("train.parallel=fsdp needs torch >= 2.6 (FSDP2); use train.parallel=ddp") from None
+    return "ddp"
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The model inside a DDP wrapper (FSDP2 shards in place, so nothing to unwrap)."""
+    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+
+
+@contextlib.contextmanager
+def gradient_sync(model: nn.Module, enabled: bool):
+    """Skip the gradient all-reduce on micro-batches before the last one of a step."""
+    if isinstance(model, nn.parallel.DistributedDataParallel) and not enabled:
+        with model.no_sync():
+            yield
+        return
+    if hasattr(model, "set_requires_gradient_sync"):  # FSDP2
+        model.set_requires_gradient_sync(enabled)
+    yield
+
+
+def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
+    """Sum plain numbers over processes (a no-op for one process)."""
+    if not dist.is_initialized():
+        return values
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return t.tolist()
