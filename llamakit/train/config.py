@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
 from argparse import ArgumentError
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from llamakit.errors import ConfigError
