@@ -1,0 +1,116 @@
+"""The optimizer recipe, the schedule, the config files and the batch order, each against its written rule."""
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from llamakit.errors import ConfigError, DataError
+from llamakit.model import ModelConfig, Transformer
+from llamakit.train.batches import PackedWindows, StepBatches, eval_batches
+from llamakit.train.config import OptimSection, TrainSection, accumulation_steps, model_config, parse_config
+from llamakit.train.optim import build_optimizer, lr_at, param_groups
+
+CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "pretrain"
+
+
+def test_schedule_warms_up_linearly_then_decays_by_cosine_to_ten_percent():
+    cfg = OptimSection(lr=3e-4, warmup_steps=2000, min_lr_ratio=0.1)
+    steps = 10_000
+    lrs = [lr_at(s, cfg, steps) for s in range(steps)]
+    assert lrs[0] == pytest.approx(3e-4 / 2000) and lrs[999] == pytest.approx(3e-4 * 1000 / 2000)
+    assert lrs[1999] == pytest.approx(3e-4)  # the peak ends the warmup
+    assert all(a >= b for a, b in zip(lrs[1999:], lrs[2000:]))  # then never rises
+    assert lrs[-1] == pytest.approx(3e-5)  # the last step runs at 10% of the peak
+    mid = 2000 + (steps - 1 - 2000) / 2  # halfway through the decay: halfway between peak and floor
+    assert lr_at(int(mid), cfg, steps) == pytest.approx(3e-5 + 0.5 * 2.7e-4 * (1 + math.cos(math.pi * 0.5)), rel=1e-3)
+
+
+def test_weight_decay_skips_norms_and_the_optimizer_holds_the_recipe():
+    model = Transformer(ModelConfig(dim=32, n_layers=2, n_heads=4, vocab_size=64, multiple_of=16))
+    decay, no_decay = param_groups(model, 0.1)
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert all("norm" in names[id(p)] or "layernorm" in names[id(p)] for p in no_decay["params"])
+    assert {names[id(p)] for p in no_decay["params"]} == {n for n, p in model.named_parameters() if p.ndim == 1}
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    model.layers[0].mlp.requires_grad_(False)  # frozen parameters get no optimizer state
+    opt = build_optimizer(model, OptimSection())
+    assert opt.defaults["betas"] == (0.9, 0.95) and opt.defaults["eps"] == 1e-5
+    held = {id(p) for g in opt.param_groups for p in g["params"]}
+    assert not held & {id(p) for p in model.layers[0].mlp.parameters()}
+
+
+@pytest.mark.parametrize("name", sorted(p.stem for p in CONFIGS.glob("*.yaml")))
+def test_every_preset_loads(name):
+    cfg = parse_config(CONFIGS / f"{name}.yaml")
+    assert cfg.optim.betas == (0.9, 0.95) and cfg.optim.weight_decay == 0.1 and cfg.optim.grad_clip == 1.0
+    assert cfg.optim.min_lr_ratio == 0.1
+    config = model_config(cfg.model, vocab_size=512, seq_len=cfg.data.seq_len)
+    assert config.max_seq_len >= cfg.data.seq_len
+
+
+def test_published_recipes_match_the_papers():
+    l2 = parse_config(CONFIGS / "llama2-7b.yaml")
+    assert (l2.optim.lr, l2.optim.warmup_steps, l2.data.seq_len) == (3e-4, 2000, 4096)
+    assert l2.train.batch_size * l2.data.seq_len == 4 * 2**20  # 4M tokens per step
+    assert model_config(l2.model, 32000, 4096) == ModelConfig.from_preset("llama2-7b")
+    l3 = parse_config(CONFIGS / "llama3-8b.yaml")
+    assert l3.data.seq_len == 8192 and model_config(l3.model, 128256, 8192) == ModelConfig.from_preset("llama3-8b")
+
+
+def test_overrides_and_unknown_keys(tmp_path):
+    cfg = parse_config(CONFIGS / "tiny.yaml", ["--optim.lr", "1e-4", "--train.max_steps", "7"])
+    assert cfg.optim.lr == 1e-4 and cfg.train.max_steps == 7
+    with pytest.raises(ConfigError, match="lrr"):
+        parse_config(CONFIGS / "tiny.yaml", ["--optim.lrr", "1e-4"])
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("optim:\n  learning_rate: 0.1\n")
+    with pytest.raises(ConfigError, match="learning_rate"):
+        parse_config(bad)
+    with pytest.raises(ConfigError, match="optim.lr.*fast"):
+        parse_config(CONFIGS / "tiny.yaml", ["--optim.lr", "fast"])
+    with pytest.raises(ConfigError, match="no such config"):
+        parse_config(tmp_path / "missing.yaml")
+    with pytest.raises(ConfigError, match="micro_batch_size"):
+        parse_config(CONFIGS / "tiny.yaml", ["--train.batch_size", "12"])
+    with pytest.raises(ConfigError, match="processes"):
+        accumulation_steps(TrainSection(batch_size=16, micro_batch_size=8), world_size=3)
+
+
+class Stream:
+    """A token stream whose window contents are checkable: token i has value i."""
+
+    def __init__(self, n):
+        self.tokens = np.arange(n, dtype=np.int64)
+
+    def __len__(self):
+        return len(self.tokens)
+
+    def window(self, start, length):
+        return self.tokens[start:start + length]
+
+
+def test_windows_cover_the_stream_once_per_epoch_in_a_seeded_order():
+    windows = PackedWindows(Stream(16 * 10 + 1), seq_len=16, seed=3)
+    first = [windows.window_at(i) for i in range(10)]
+    second = [windows.window_at(i) for i in range(10, 20)]
+    assert sorted(first) == sorted(second) == list(range(10)) and first != second
+    assert first == [PackedWindows(Stream(161), 16, seed=3).window_at(i) for i in range(10)]
+    batch = windows.batch([2])
+    assert batch["input_ids"].tolist() == [list(range(32, 48))] and batch["labels"].tolist() == [list(range(33, 49))]
+    with pytest.raises(DataError, match="seq_len"):
+        PackedWindows(Stream(16), seq_len=16, seed=0)
+
+
+@pytest.mark.parametrize("world_size", [1, 2, 4])
+def test_a_step_holds_the_same_samples_whatever_the_process_count(world_size):
+    windows = PackedWindows(Stream(64 * 40 + 1), seq_len=64, seed=0)
+    reference = torch.cat([b["input_ids"] for b in StepBatches(windows, 8, 2).train_step(5)])
+    parts = [StepBatches(windows, 8, 2, rank, world_size).train_step(5) for rank in range(world_size)]
+    assert all(len(p) == 8 // world_size // 2 for p in parts)
+    assert torch.equal(torch.cat([b["input_ids"] for p in parts for b in p]), reference)
+    val = [eval_batches(windows, 3, 2, rank, world_size) for rank in range(world_size)]
+    seen = sorted(int(row[0]) // 64 for part in val for b in part for row in b["input_ids"])
+    assert seen == list(range(6))
