@@ -1,0 +1,161 @@
+"""prepare end to end: what each stage removes, the packed shards, determinism, resuming and interruptions."""
+
+import dataclasses
+import importlib
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from llamakit.data import FilterConfig, PrepareConfig, TokenShards, prepare, read_meta
+from llamakit.data.prepare import split_documents
+from llamakit.errors import DataError
+from llamakit.tokenizer import load_tokenizer
+from tests.data.corpus import prose, write_jsonl
+
+# The package exports the function prepare(), which hides the module of the same name from `import ... as`.
+prepare_module = importlib.import_module("llamakit.data.prepare")
+BOILERPLATE = "Cookies help us deliver our services. By using them you agree."
+FRENCH = ("Le renard brun saute par-dessus le chien paresseux, puis il rentre chez lui pour dormir. Demain matin il "
+          "partira de nouveau dans la forêt avec ses amis pour chercher de quoi manger.")
+
+
+def good_docs() -> list[str]:
+    """20 distinct prose documents: all of them must survive cleaning."""
+    return [prose(120, seed) for seed in range(20)]
+
+
+@pytest.fixture
+def corpus(tmp_path):
+    """The good documents, with boilerplate and bad documents mixed in, over a folder, a .jsonl and a .parquet."""
+    docs = good_docs()
+    folder = tmp_path / "corpus" / "a_txt"  # read first: files are read in sorted order
+    folder.mkdir(parents=True)
+    for i, doc in enumerate(docs[:10]):
+        (folder / f"{i:02d}.txt").write_text(f"{doc}\n{BOILERPLATE}" if i < 6 else doc)
+    bad = ["Hi.", "=-=-=-=-=-=-=-=-=-=-= ***** ##### ~~~~~ ;;;;", "\n".join(["Buy cheap watches now."] * 8),
+           docs[0], docs[0].upper().replace(" ", "  "),  # exact duplicates of 00.txt
+           docs[1].replace(docs[1].split()[60], "zebra", 1),  # a near duplicate of 01.txt
+           FRENCH]
+    write_jsonl(tmp_path / "corpus" / "more.jsonl", [f"{d}\n{BOILERPLATE}" for d in docs[10:16]] + bad)
+    pq.write_table(pa.table({"text": docs[16:]}), tmp_path / "corpus" / "rest.parquet")
+    return tmp_path / "corpus"
+
+
+def config_for(corpus, tokenizer_file, output, **changes) -> PrepareConfig:
+    base = PrepareConfig(inputs=[corpus], output=output, tokenizer=tokenizer_file, shard_tokens=700,
+                         boilerplate_min_docs=10, val_fraction=0.1, workers=1)
+    return dataclasses.replace(base, **changes)
+
+
+def documents_in(root, split: str, tokenizer) -> list[str]:
+    """The documents of a split, decoded from its packed ids ([bos] text [eos] ...)."""
+    shards = TokenShards(root, split)
+    ids = shards.window(0, len(shards))
+    starts = np.flatnonzero(ids == tokenizer.bos_id)
+    ends = np.flatnonzero(ids == tokenizer.eos_id)
+    assert len(starts) == len(ends) and starts[0] == 0 and ends[-1] == len(ids) - 1
+    return [tokenizer.decode(ids[s + 1:e]) for s, e in zip(starts, ends)]
+
+
+def test_report_and_shards(corpus, tokenizer_file, tokenizer, tmp_path):
+    out = tmp_path / "out"
+    report = prepare(config_for(corpus, tokenizer_file, out, filters=FilterConfig(languages=("en",))))
+    assert (report["files"], report["documents_read"]) == (12, 27)
+    assert report["boilerplate"] == {"distinct_lines": 1, "lines_dropped": 12, "chars_dropped": 12 * (len(BOILERPLATE) + 1)}
+    removed = {name: r["documents"] for name, r in report["filters"].items() if r["documents"]}
+    assert removed == {"min_chars": 1, "min_alnum_fraction": 1, "max_duplicate_line_fraction": 1, "language": 1}
+    assert report["exact_duplicates"]["documents"] == 2 and report["near_duplicates"]["documents"] == 1
+    assert report["kept"] == {"documents": 20, "chars": sum(map(len, good_docs()))}
+    train, val = documents_in(out, "train", tokenizer), documents_in(out, "val", tokenizer)
+    assert len(val) >= 1 and sorted(train + val) == sorted(good_docs())
+    assert train == [d for d in good_docs() if d in train]  # corpus order
+    meta = read_meta(out)
+    assert meta["splits"]["train"]["documents"] == len(train) == report["splits"]["train"]["documents"]
+    assert len(meta["splits"]["train"]["shards"]) > 1 and meta["dtype"] == "uint16"
+    assert meta["report"] == report and meta["settings"]["filters"]["languages"] == ["en"]
+    assert load_tokenizer(out / "tokenizer.model").vocab_size == 320 and len(meta["inputs"]) == 12
+
+
+def test_same_output_for_any_worker_count(corpus, tokenizer_file, tmp_path):
+    prepare(config_for(corpus, tokenizer_file, tmp_path / "one", workers=1))
+    prepare(config_for(corpus, tokenizer_file, tmp_path / "two", workers=2))
+    files = sorted(p.name for p in (tmp_path / "one").iterdir())
+    assert files == sorted(p.name for p in (tmp_path / "two").iterdir())
+    for name in files:
+        if name != "meta.json":  # meta.json records the worker count
+            assert (tmp_path / "one" / name).read_bytes() == (tmp_path / "two" / name).read_bytes(), name
+
+
+def test_rerun_skips_and_changes_need_force(corpus, tokenizer_file, tmp_path):
+    out = tmp_path / "out"
+    report = prepare(config_for(corpus, tokenizer_file, out))
+    stamp = (out / "meta.json").stat().st_mtime_ns
+    assert prepare(config_for(corpus, tokenizer_file, out, workers=3)) == report  # the worker count does not matter
+    assert (out / "meta.json").stat().st_mtime_ns == stamp
+    with pytest.raises(DataError, match=r"different settings \(filters.min_chars: 20 -> 30\); pass --force"):
+        prepare(config_for(corpus, tokenizer_file, out, filters=FilterConfig(min_chars=30)))
+    (corpus / "a_txt" / "03.txt").write_text(prose(100, 77))
+    with pytest.raises(DataError, match=r"different inputs \(modified 03.txt\); pass --force"):
+        prepare(config_for(corpus, tokenizer_file, out))
+    prepare(config_for(corpus, tokenizer_file, out, force=True))
+    assert (out / "meta.json").stat().st_mtime_ns != stamp
+
+
+def test_interrupted_run_never_looks_complete(corpus, tokenizer_file, tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    calls = []
+
+    def dies_on_second_chunk(texts, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return encode(texts, **kwargs)
+
+    encode = prepare_module.encode_documents
+    monkeypatch.setattr(prepare_module, "CHUNK_DOCS", 4)
+    monkeypatch.setattr(prepare_module, "encode_documents", dies_on_second_chunk)
+    with pytest.raises(KeyboardInterrupt):
+        prepare(config_for(corpus, tokenizer_file, out, shard_tokens=100))
+    assert not (out / "meta.json").exists() and any(out.glob("train-*.bin"))
+    with pytest.raises(DataError, match="no meta.json"):
+        TokenShards(out)
+    monkeypatch.undo()
+    (out / ".train-00009.bin.tmp").write_bytes(b"left by a killed run")
+    prepare(config_for(corpus, tokenizer_file, out))
+    assert TokenShards(out).num_tokens > 0 and not list(out.glob(".*"))
+
+
+def test_refuses_foreign_folders_and_empty_results(corpus, tokenizer_file, tmp_path):
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("precious")
+    with pytest.raises(DataError, match="holds files that `llamakit prepare` did not write \\(notes.txt\\)"):
+        prepare(config_for(corpus, tokenizer_file, tmp_path / "mine"))
+    (tmp_path / "tiny.txt").write_text("Hi there.")
+    with pytest.raises(DataError, match="no documents are left after the quality filters: of 1 read, min_chars removed 1"):
+        prepare(config_for(tmp_path / "tiny.txt", tokenizer_file, tmp_path / "out"))
+    assert not (tmp_path / "out").exists()
+    with pytest.raises(DataError, match="val_fraction"):
+        prepare(config_for(corpus, tokenizer_file, tmp_path / "out", val_fraction=1.0))
+
+
+def test_split_is_stable_with_at_least_one_validation_document():
+    docs = good_docs()
+    splits = split_documents(docs, 0.005)
+    assert len(splits["val"]) == 1 and splits == split_documents(docs, 0.005)
+    assert split_documents(docs[::-1], 0.005)["val"] == splits["val"]  # fixed by content, not position
+    assert split_documents(docs, 0.0)["val"] == [] and split_documents(docs[:1], 0.5) == {"train": docs[:1], "val": []}
+    half = split_documents(docs, 0.5)
+    assert 4 <= len(half["val"]) <= 16 and len(half["train"]) + len(half["val"]) == 20
+
+
+def test_large_vocabulary_uses_uint32(corpus, assets, tmp_path):
+    out = tmp_path / "out"
+    prepare(config_for(corpus, assets / "llama3" / "tokenizer.model", out, shard_tokens=10**6))
+    tokenizer = load_tokenizer(out / "tokenizer.model")
+    assert read_meta(out)["dtype"] == "uint32" and (out / "train-00000.bin").stat().st_size % 4 == 0
+    shards = TokenShards(out)
+    assert shards.window(0, 1)[0] == tokenizer.bos_id == 128000
+    decoded = documents_in(out, "train", tokenizer) + documents_in(out, "val", tokenizer)
+    assert sorted(decoded) == sorted([*good_docs(), FRENCH])  # no language filter here
