@@ -66,7 +66,7 @@ def prepare(config: PrepareConfig) -> dict[str, Any]:
     """Prepare config.inputs into config.output; returns the report (what each stage removed, tokens per split)."""
     _check_config(config)
     output = Path(config.output)
-    files = resolve_inputs(config.inputs)
+    files = _outside(resolve_inputs(config.inputs), output)
     tokenizer = load_tokenizer(config.tokenizer)
     identity = {"settings": settings_of(config), "inputs": input_fingerprint(files),
                 "tokenizer_sha256": shards.file_sha256(tokenizer.path)}
@@ -84,6 +84,14 @@ def prepare(config: PrepareConfig) -> dict[str, Any]:
     shards.write_meta(output, _meta(tokenizer, identity, meta_splits, report, config))
     logger.info("prepared %s: %s", output, report["splits"])
     return report
+
+
+def _outside(files: list[Path], output: Path) -> list[Path]:
+    """files without those inside output (an output folder under an input folder is not input)."""
+    inside = [f for f in files if output.resolve() in f.parents]
+    if inside:
+        logger.info("skipping %d files inside the output folder %s", len(inside), output)
+    return [f for f in files if f not in inside] or files
 
 
 def settings_of(config: PrepareConfig) -> dict[str, Any]:
@@ -293,21 +301,23 @@ def _write_splits(output: Path, splits: dict[str, list[str]], tokenizer, shard_t
 def _tokenize(docs: list[str], tokenizer_path: Path, dtype: str, split: str, map_fn: Callable) -> Iterator[np.ndarray]:
     """The packed ids of docs, a chunk at a time, in order, with a progress bar."""
     chunks = [docs[i:i + CHUNK_DOCS] for i in range(0, len(docs), CHUNK_DOCS)]
-    encode = partial(encode_documents, tokenizer_path=str(tokenizer_path), dtype=dtype)
+    encode = partial(encode_documents, tokenizer_path=str(tokenizer_path), dtype=dtype,
+                     sha256=shards.file_sha256(tokenizer_path))
     with tqdm(total=len(docs), desc=f"tokenizing {split}", unit="doc", disable=None) as bar:
         for chunk, ids in zip(chunks, map_fn(encode, chunks)):
             bar.update(len(chunk))
             yield ids
 
 
-_TOKENIZERS: dict[str, Any] = {}  # one loaded tokenizer per process
+_TOKENIZERS: dict[tuple[str, str], Any] = {}  # (path, sha256) -> the tokenizer, loaded once per process
 
 
-def encode_documents(texts: list[str], tokenizer_path: str, dtype: str) -> np.ndarray:
+def encode_documents(texts: list[str], tokenizer_path: str, dtype: str, sha256: str = "") -> np.ndarray:
     """[bos] + encode(text) + [eos] for each text, concatenated: the packed layout of a shard."""
-    if tokenizer_path not in _TOKENIZERS:
-        _TOKENIZERS[tokenizer_path] = load_tokenizer(tokenizer_path)
-    tokenizer = _TOKENIZERS[tokenizer_path]
+    key = (tokenizer_path, sha256)  # the sha256 tells a new tokenizer written to the same path
+    if key not in _TOKENIZERS:
+        _TOKENIZERS[key] = load_tokenizer(tokenizer_path)
+    tokenizer = _TOKENIZERS[key]
     ids = [np.asarray(tokenizer.encode(text, bos=True, eos=True), dtype=shards.DTYPES[dtype]) for text in texts]
     return np.concatenate(ids) if ids else np.empty(0, dtype=shards.DTYPES[dtype])
 

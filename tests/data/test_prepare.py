@@ -10,8 +10,10 @@ import pytest
 
 from llamakit.data import FilterConfig, PrepareConfig, TokenShards, prepare, read_meta
 from llamakit.data.prepare import split_documents
+from llamakit.data.shards import file_sha256
 from llamakit.errors import DataError
 from llamakit.tokenizer import load_tokenizer
+from llamakit.tokenizer.train import train_tokenizer
 from tests.data.corpus import prose, write_jsonl
 
 # The package exports the function prepare(), which hides the module of the same name from `import ... as`.
@@ -59,6 +61,11 @@ def documents_in(root, split: str, tokenizer) -> list[str]:
     return [tokenizer.decode(ids[s + 1:e]) for s, e in zip(starts, ends)]
 
 
+def all_documents(root, tokenizer) -> list[str]:
+    """Every document in both splits, sorted."""
+    return sorted(documents_in(root, "train", tokenizer) + documents_in(root, "val", tokenizer))
+
+
 def test_report_and_shards(corpus, tokenizer_file, tokenizer, tmp_path):
     out = tmp_path / "out"
     report = prepare(config_for(corpus, tokenizer_file, out, filters=FilterConfig(languages=("en",))))
@@ -101,6 +108,23 @@ def test_rerun_skips_and_changes_need_force(corpus, tokenizer_file, tmp_path):
         prepare(config_for(corpus, tokenizer_file, out))
     prepare(config_for(corpus, tokenizer_file, out, force=True))
     assert (out / "meta.json").stat().st_mtime_ns != stamp
+
+
+def test_output_inside_the_input_folder_is_not_read(corpus, tokenizer_file):
+    out = corpus / "prepared"
+    report = prepare(config_for(corpus, tokenizer_file, out))
+    assert prepare(config_for(corpus, tokenizer_file, out)) == report  # shards and meta.json are not new inputs
+    assert len(read_meta(out)["inputs"]) == 12
+
+
+def test_new_tokenizer_in_the_same_process(corpus, tokenizer_file, tmp_path):
+    out = tmp_path / "out"
+    prepare(config_for(corpus, tokenizer_file, out))
+    other = train_tokenizer([prose(300, seed) for seed in range(50, 60)], tmp_path / "other.model", 360, num_threads=1)
+    prepare(config_for(corpus, other, out, force=True))
+    shards = TokenShards(out)
+    assert shards.vocab_size == 360 and shards.tokenizer_sha256 == file_sha256(other)
+    assert all_documents(out, load_tokenizer(other)) == sorted([*good_docs(), FRENCH])  # no language filter here
 
 
 def test_interrupted_run_never_looks_complete(corpus, tokenizer_file, tmp_path, monkeypatch):
@@ -157,5 +181,4 @@ def test_large_vocabulary_uses_uint32(corpus, assets, tmp_path):
     assert read_meta(out)["dtype"] == "uint32" and (out / "train-00000.bin").stat().st_size % 4 == 0
     shards = TokenShards(out)
     assert shards.window(0, 1)[0] == tokenizer.bos_id == 128000
-    decoded = documents_in(out, "train", tokenizer) + documents_in(out, "val", tokenizer)
-    assert sorted(decoded) == sorted([*good_docs(), FRENCH])  # no language filter here
+    assert all_documents(out, tokenizer) == sorted([*good_docs(), FRENCH])  # no language filter here
