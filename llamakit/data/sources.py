@@ -3,7 +3,7 @@
 Formats are chosen by file name ending; anything not JSON or Parquet is read as text:
 - text (.txt, .md, .py, ...): one document per file, or pieces cut at `separator` when given;
 - .jsonl / .json (optionally .gz): one document per object, taken from `field` (a .json file holds
-  a list of objects, or JSON Lines under a .json name);
+  a list of objects, one object, or JSON Lines under a .json name);
 - .parquet: one document per row of column `field`.
 Text is decoded as UTF-8. Invalid bytes become U+FFFD with a warning naming the file, rather than
 stopping a long run for one bad byte; files that look binary (a NUL byte near the start) are
