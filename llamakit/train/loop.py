@@ -49,6 +49,8 @@ def train(model: nn.Module, objective, optimizer: torch.optim.Optimizer, schedul
     """Run optimizer steps state.step .. max_steps - 1, evaluating, logging and checkpointing on the way."""
     device = next(model.parameters()).device
     autocast = _autocast(settings.precision, device)
+    if state.step == 0 and settings.eval_every:  # the starting point of the validation curve
+        metrics.record(0, {"val_loss": evaluate(model, objective, data.val_batches, autocast, device)}, show=True)
     model.train()
     while state.step < settings.max_steps:
         start = time.perf_counter()

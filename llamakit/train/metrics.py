@@ -39,8 +39,10 @@ def peak_flops(device: torch.device, dtype: torch.dtype, configured_tflops: floa
     return _measured_matmul_flops(device, dtype)
 
 
-def _measured_matmul_flops(device: torch.device, dtype: torch.dtype, n: int = 1024, repeats: int = 5) -> float:
+def _measured_matmul_flops(device: torch.device, dtype: torch.dtype, n: int = 2048, repeats: int = 6) -> float:
+    """The best of a few large square matmuls: what this device's math library reaches at best."""
     a = torch.randn(n, n, device=device, dtype=dtype)
+    a @ a  # warm-up: thread pools, kernels
     best = float("inf")
     for _ in range(repeats):
         start = time.perf_counter()
@@ -102,8 +104,8 @@ def read_metrics(path: Path) -> list[dict]:
 
 
 def _truncate_after(path: Path, step: int) -> None:
-    """Keep the records of steps <= step (all of them when starting fresh at step 0: nothing to keep)."""
-    kept = [r for r in read_metrics(path) if r["step"] <= step]
+    """Keep the records up to a resumed checkpoint's step; none when starting fresh."""
+    kept = [r for r in read_metrics(path) if r["step"] <= step] if step else []
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
     os.replace(tmp, path)

@@ -15,7 +15,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 from torch import nn
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
@@ -25,6 +24,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
+from llamakit.checkpoint import read_checkpoint
 from llamakit.checkpoint.io import atomic_directory
 from llamakit.checkpoint.save import write_native
 from llamakit.errors import CheckpointError
@@ -91,7 +91,7 @@ class Checkpointer:
         """Restore weights, optimizer, scaler and RNG from step-N/ (every process reads the files)."""
         inner = unwrap(model)
         try:
-            weights = load_file(folder / "model.safetensors")
+            _, weights = read_checkpoint(folder)  # our own names (the files use Hugging Face's)
             optim_state = torch.load(folder / "optimizer.pt", map_location="cpu", weights_only=True)
             trainer = torch.load(folder / "trainer.pt", map_location="cpu", weights_only=True)
         except Exception as e:  # a damaged file: OSError, safetensors or unpickling errors
