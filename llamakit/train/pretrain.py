@@ -81,7 +81,7 @@ def _check_run_folder(cfg: PretrainConfig, out_dir: Path, latest: Path | None, r
     """The checkpoint to resume from, if any; refuses to mix two different runs in one folder."""
     if latest is None:
         if resume:
-            log.warning("--resume: no checkpoint in %s yet; starting from step 0", out_dir)
+            log.info("--resume: no checkpoint in %s yet; starting from step 0", out_dir)
         return None
     if not resume:
         raise ConfigError(f"{out_dir} already holds checkpoints (latest: {latest.name}); pass --resume to continue "
