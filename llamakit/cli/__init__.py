@@ -1,0 +1,49 @@
+"""`llamakit <command>`: a table of commands. Errors a user can cause print one line and exit 1."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from llamakit.cli.checkpoints import add_convert, add_download, add_info, convert, download, info
+from llamakit.cli.data import add_prepare, add_tokenizer, prepare, tokenizer_tools
+from llamakit.cli.inference import add_chat, add_generate, chat, generate
+from llamakit.cli.train import add_pretrain, pretrain
+from llamakit.errors import LlamakitError
+
+__all__ = ["COMMANDS", "build_parser", "main"]
+
+COMMANDS = {  # name: (add arguments, run)
+    "generate": (add_generate, generate),
+    "chat": (add_chat, chat),
+    "download": (add_download, download),
+    "convert": (add_convert, convert),
+    "info": (add_info, info),
+    "prepare": (add_prepare, prepare),
+    "tokenizer": (add_tokenizer, tokenizer_tools),
+    "pretrain": (add_pretrain, pretrain),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="llamakit", description="The LLaMA family end to end.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="show debug logging")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, (add_arguments, run) in COMMANDS.items():
+        add_arguments(sub.add_parser(name, help=run.__doc__, description=run.__doc__))
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, format="%(levelname)s: %(message)s")
+    try:
+        COMMANDS[args.command][1](args)
+    except LlamakitError as e:
+        print(f"llamakit {args.command}: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"llamakit {args.command}: interrupted", file=sys.stderr)
+        return 130
+    return 0

@@ -1,0 +1,81 @@
+"""`llamakit download`, `convert` and `info`: fetch, convert and describe checkpoints."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from llamakit.cli.argtypes import byte_size, positive_int
+from llamakit.errors import LlamakitError
+
+
+def download(args: argparse.Namespace) -> None:
+    """Download Llama weights from the Hugging Face Hub (needs network; gated repos need --token)."""
+    from llamakit.checkpoint.download import download as fetch
+
+    dest = args.dest or Path("checkpoints") / args.repo_id
+    folder = fetch(args.repo_id, dest, token=args.token, revision=args.revision, meta=args.meta)
+    print(f"downloaded {args.repo_id} to {folder}; run it with: llamakit generate --checkpoint {folder} \"Hello\"")
+
+
+def convert(args: argparse.Namespace) -> None:
+    """Convert a checkpoint between formats (the source format is detected)."""
+    from llamakit.checkpoint import find_tokenizer, load_model, save_model
+
+    if args.shards is not None and args.to != "meta":
+        raise LlamakitError("--shards applies to --to meta only (Hugging Face files are split by --max-shard-size)")
+    tokenizer = args.tokenizer or find_tokenizer(args.src)
+    if args.to == "llama2c":
+        tokenizer = None  # a llama2.c file has no place for one
+    model = load_model(args.src, dtype=args.dtype)
+    save_model(model, args.dst, args.to, tokenizer=tokenizer, shards=args.shards or 1, dtype=args.dtype,
+               max_shard_bytes=args.max_shard_size, overwrite=args.force)
+    note = "" if tokenizer else " without a tokenizer (none found beside the source, or the format holds none)"
+    print(f"wrote {args.to} checkpoint to {args.dst}{note}")
+
+
+def info(args: argparse.Namespace) -> None:
+    """Show a preset's or a checkpoint's configuration, parameter count and memory needs."""
+    from llamakit.checkpoint import detect_format, find_tokenizer, load_config
+    from llamakit.model import PRESETS, ModelConfig, describe
+
+    if not Path(args.target).exists() and args.target.lower() not in PRESETS:
+        raise LlamakitError(f"{args.target}: no such checkpoint path, and not a preset ({', '.join(PRESETS)})")
+    if Path(args.target).exists():
+        config = load_config(args.target)
+        source = {"path": str(args.target), "format": detect_format(args.target),
+                  "tokenizer": str(find_tokenizer(args.target) or "none found")}
+    else:
+        config, source = ModelConfig.from_preset(args.target), {"preset": args.target.lower()}
+    facts = {**source, **describe(config)}
+    if args.json:
+        print(json.dumps(facts, indent=2))
+        return
+    width = max(map(len, facts))
+    for key, value in facts.items():
+        print(f"{key:<{width}}  {value}")
+
+
+def add_download(p: argparse.ArgumentParser) -> None:
+    p.add_argument("repo_id", help="Hugging Face repository, e.g. meta-llama/Llama-3.2-1B")
+    p.add_argument("--dest", type=Path, help="output folder (default: checkpoints/REPO_ID); reruns resume")
+    p.add_argument("--token", help="Hugging Face access token for gated models (default: HF_TOKEN or login)")
+    p.add_argument("--revision", help="branch, tag or commit (default: main)")
+    p.add_argument("--meta", action="store_true", help="fetch Meta's original .pth files instead of safetensors")
+
+
+def add_convert(p: argparse.ArgumentParser) -> None:
+    p.add_argument("src", help="checkpoint to read: a Hugging Face/llamakit/Meta folder or a llama2.c .bin file")
+    p.add_argument("dst", help="output folder (or .bin file for --to llama2c); must not exist unless --force")
+    p.add_argument("--to", required=True, choices=["hf", "meta", "llamakit", "llama2c"], help="output format")
+    p.add_argument("--shards", type=positive_int, help="number of consolidated.NN.pth files for --to meta (default 1)")
+    p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], help="convert weights (default: keep as stored)")
+    p.add_argument("--tokenizer", help="tokenizer file to copy beside the weights (default: the source's)")
+    p.add_argument("--max-shard-size", type=byte_size, default="5GB", help="largest safetensors file, e.g. 2GB")
+    p.add_argument("--force", action="store_true", help="replace dst if it exists (atomically)")
+
+
+def add_info(p: argparse.ArgumentParser) -> None:
+    p.add_argument("target", help="a preset name (e.g. llama3.1-8b) or a checkpoint path")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")

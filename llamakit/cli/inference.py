@@ -1,0 +1,165 @@
+"""`llamakit generate` and `llamakit chat`: text from a model, with shared model and sampling options."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+from llamakit.cli.argtypes import positive_int
+from llamakit.errors import LlamakitError
+
+DEFAULT_MAX_SEQ_LEN = 4096  # the default context window for generate/chat: long enough, yet a small KV cache
+
+
+def generate(args: argparse.Namespace) -> None:
+    """Complete prompts with a model; a single prompt streams to stdout as it is generated."""
+    from llamakit.generate import generate as run_batch
+    from llamakit.generate import stream
+
+    model, tokenizer, params, generator = _load_for_generation(args)
+    prompts = [sys.stdin.read().removesuffix("\n") if p == "-" else p for p in args.prompts]
+    for i, prompt in enumerate(prompts):
+        if not prompt:
+            raise LlamakitError(f"prompt {i + 1} is empty; give some text (or '-' to read it from stdin)")
+    ids = [tokenizer.encode(p, bos=True) for p in prompts]
+    window = _max_seq_len(args, model)
+    budgets = [_budget(args.max_new_tokens, window, len(p), i) for i, p in enumerate(ids)]
+    start = time.perf_counter()
+    if len(ids) == 1:
+        pieces = stream(model, tokenizer, ids[0], budgets[0], params, stop_strings=args.stop, generator=generator)
+        completions = [_print_stream(pieces)]
+    else:
+        completions = run_batch(model, tokenizer, ids, budgets, params, stop_strings=args.stop, generator=generator)
+        for prompt, completion in zip(prompts, completions):
+            print(f"{prompt}{completion.text}\n")
+    if args.stats:
+        seconds, produced = time.perf_counter() - start, sum(len(c.tokens) for c in completions)
+        print(f"{produced} tokens in {seconds:.2f} s ({produced / seconds:.1f} tokens/s, prefill included)",
+              file=sys.stderr)
+
+
+def _print_stream(pieces):
+    """Print a stream of text pieces as they come; return the generator's final value (the Completion)."""
+    while True:
+        try:
+            print(next(pieces), end="", flush=True)
+        except StopIteration as done:
+            print()
+            return done.value
+
+
+def chat(args: argparse.Namespace) -> None:
+    """Talk with a chat model; /reset forgets the conversation, Ctrl-C stops a reply, Ctrl-D exits."""
+    from llamakit.generate.chat import ChatSession
+
+    model, tokenizer, params, generator = _load_for_generation(args)
+    session = ChatSession(model, tokenizer, max_seq_len=_max_seq_len(args, model), max_new_tokens=args.max_new_tokens,
+                          params=params, system=args.system, style=args.chat_format, generator=generator)
+    print(f"chatting with {args.checkpoint} ({session.style} format). {CHAT_HELP}")
+    while True:
+        try:
+            text = input("\n>>> ")
+        except EOFError:
+            print()
+            return
+        except KeyboardInterrupt:
+            print()
+            continue
+        command = text.strip().lower()
+        if command in ("/exit", "/quit"):
+            return
+        if command == "/reset":
+            session.reset()
+            print("[conversation cleared]")
+        elif command == "/help":
+            print(CHAT_HELP)
+        elif command:
+            _chat_turn(session, text)
+
+
+CHAT_HELP = "Type a message. /reset clears the history, /exit or Ctrl-D quits, Ctrl-C stops a reply."
+
+
+def _chat_turn(session, text: str) -> None:
+    """Stream one reply; a LlamakitError (e.g. a message too long) is shown without ending the chat."""
+    reply = session.reply(text)
+    try:
+        first = next(reply, "")  # encodes the dialog and fits it into the window
+        if session.dropped:
+            print(f"[dropped the {session.dropped} oldest messages to fit the context window]")
+        print(first, end="", flush=True)
+        for piece in reply:
+            print(piece, end="", flush=True)
+        print()
+    except KeyboardInterrupt:
+        reply.close()
+        print("\n[reply stopped]")
+    except LlamakitError as e:
+        print(f"error: {e}")
+
+
+def _load_for_generation(args: argparse.Namespace):
+    """Model (on CUDA when present), tokenizer, sampling settings and a seeded random generator."""
+    import torch
+
+    from llamakit.checkpoint import load_checkpoint
+    from llamakit.generate import SamplingParams
+    from llamakit.generate.decode import prepare_for_decoding
+    from llamakit.generate.meta_api import default_device, default_dtype
+
+    params = SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, min_p=args.min_p,
+                            repetition_penalty=args.repetition_penalty)
+    device = torch.device(args.device) if args.device else default_device()
+    model, tokenizer = load_checkpoint(args.checkpoint, args.tokenizer, args.dtype or default_dtype(device), device)
+    generator = torch.Generator(device)
+    generator.manual_seed(args.seed) if args.seed is not None else generator.seed()
+    return prepare_for_decoding(model), tokenizer, params, generator
+
+
+def _max_seq_len(args: argparse.Namespace, model) -> int:
+    return args.max_seq_len or min(model.config.max_seq_len, DEFAULT_MAX_SEQ_LEN)
+
+
+def _budget(max_new_tokens: int, window: int, prompt_len: int, index: int) -> int:
+    """New tokens for a prompt: max_new_tokens, cut short where the context window ends."""
+    if prompt_len >= window:
+        raise LlamakitError(f"prompt {index + 1} has {prompt_len} tokens, leaving no room in the {window}-token "
+                            "context window; shorten it or raise --max-seq-len")
+    return min(max_new_tokens, window - prompt_len)
+
+
+def _add_model_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--checkpoint", required=True, help="checkpoint folder (any format) or llama2.c .bin file")
+    p.add_argument("--tokenizer", help="tokenizer file (default: the one in the checkpoint folder)")
+    p.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda when present, else cpu)")
+    p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], help="default: bf16 on GPUs, fp32 on CPU")
+    p.add_argument("--max-seq-len", type=positive_int,
+                   help=f"context window for prompt + reply (default: the model's, at most {DEFAULT_MAX_SEQ_LEN})")
+
+
+def _add_sampling_options(p: argparse.ArgumentParser, max_new_tokens: int) -> None:
+    p.add_argument("--max-new-tokens", type=positive_int, default=max_new_tokens, help="most tokens to generate")
+    p.add_argument("--temperature", type=float, default=0.6, help="0 is greedy (default 0.6)")
+    p.add_argument("--top-p", type=float, default=0.9, help="nucleus sampling mass (default 0.9; 1 disables)")
+    p.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens (0 disables)")
+    p.add_argument("--min-p", type=float, default=0.0, help="drop tokens below min_p x the top probability")
+    p.add_argument("--repetition-penalty", type=float, default=1.0, help="> 1 discourages repeats (1 disables)")
+    p.add_argument("--seed", type=int, help="make sampling reproducible")
+
+
+def add_generate(p: argparse.ArgumentParser) -> None:
+    p.add_argument("prompts", nargs="+", metavar="PROMPT", help="text to continue ('-' reads stdin); several run "
+                   "as one batch")
+    _add_model_options(p)
+    _add_sampling_options(p, max_new_tokens=256)
+    p.add_argument("--stop", action="append", default=[], metavar="TEXT", help="stop before this text (repeatable)")
+    p.add_argument("--stats", action="store_true", help="print the time taken to stderr")
+
+
+def add_chat(p: argparse.ArgumentParser) -> None:
+    _add_model_options(p)
+    _add_sampling_options(p, max_new_tokens=512)
+    p.add_argument("--system", help="system prompt for the whole conversation")
+    p.add_argument("--chat-format", choices=["llama2", "llama3"],
+                   help="dialog format (default: the model's config, else the tokenizer's)")
