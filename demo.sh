@@ -8,7 +8,7 @@ cd "$(dirname "$0")"
 OUT=${1:-runs/demo}
 STDLIB=$(python -c 'import sysconfig; print(sysconfig.get_paths()["stdlib"])')
 CORPUS=${CORPUS:-"$STDLIB/*.py"}
-PROMPT=${PROMPT:-"def "}
+PROMPT=${PROMPT:-$'import os\n\ndef '}
 
 echo "== 1/4 tokenizer: a 2048-token SentencePiece BPE (digits split, byte fallback), trained on $CORPUS"
 [ -f "$OUT/tokenizer.model" ] || llamakit tokenizer train "$CORPUS" --output "$OUT/tokenizer.model" --vocab-size 2048
@@ -20,4 +20,5 @@ echo "== 3/4 pretrain: a small Llama with the LLaMA recipe (AdamW 0.9/0.95, wd 0
 llamakit pretrain configs/pretrain/demo.yaml --data.path "$OUT/data" --checkpoint.out_dir "$OUT/model" --resume
 
 echo "== 4/4 generate: a sample from the trained model"
+printf '%s' "$PROMPT"  # generate prints the continuation; show the prompt it continues
 llamakit generate --checkpoint "$OUT/model/final" --temperature 0.7 --max-new-tokens 200 --seed 0 "$PROMPT"

@@ -20,7 +20,7 @@ from llamakit.train.loop import LoopData, LoopSettings, train
 from llamakit.train.metrics import MetricsLog, flops_per_token, peak_flops, plot_losses
 from llamakit.train.objectives import NextTokenLoss
 from llamakit.train.optim import build_optimizer, lr_at
-from llamakit.train.parallel import Processes, close_processes, init_processes, parallelize
+from llamakit.train.parallel import Processes, close_processes, init_processes, keep_freed_memory, parallelize
 from llamakit.train.state import Checkpointer, TrainState
 
 log = logging.getLogger(__name__)
@@ -32,6 +32,8 @@ RESUMABLE_CHANGES = ("train.max_steps", "checkpoint", "log", "eval", "train.devi
 def pretrain(cfg: PretrainConfig, resume: bool = False) -> Path:
     """Train from scratch (or from model.init_from) and return the final/ folder."""
     procs = init_processes(cfg.train.device)
+    if procs.device.type == "cpu":
+        keep_freed_memory()
     try:
         return _run(cfg, resume, procs)
     finally:
