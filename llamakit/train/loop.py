@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from llamakit.model import resolve_dtype
 from llamakit.train.metrics import MetricsLog
 from llamakit.train.optim import set_lr
 from llamakit.train.parallel import all_reduce_sum, gradient_sync
@@ -122,5 +123,4 @@ def evaluate(model: nn.Module, objective, batches: list[Batch], autocast, device
 def _autocast(precision: str, device: torch.device):
     if precision == "fp32":
         return contextlib.nullcontext()
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
-    return torch.autocast(device.type, dtype=dtype)
+    return torch.autocast(device.type, dtype=resolve_dtype(precision))

@@ -12,7 +12,7 @@ import yaml
 from llamakit.checkpoint import load_model
 from llamakit.data import TokenShards
 from llamakit.errors import ConfigError
-from llamakit.model import Transformer
+from llamakit.model import Transformer, resolve_dtype
 from llamakit.tokenizer import check_vocab, load_tokenizer
 from llamakit.train.batches import PackedWindows, StepBatches, eval_batches
 from llamakit.train.config import PretrainConfig, accumulation_steps, dump_yaml, model_config
@@ -66,7 +66,7 @@ def _run(cfg: PretrainConfig, resume: bool, procs: Processes) -> Path:
         max_steps=cfg.train.max_steps, grad_clip=cfg.optim.grad_clip, precision=cfg.train.precision,
         eval_every=cfg.eval.every, save_every=cfg.checkpoint.every, log_every=cfg.log.every,
         world_size=procs.world_size, flops_per_token=flops,
-        peak_flops=peak_flops(procs.device, _compute_dtype(cfg), cfg.log.peak_tflops))
+        peak_flops=peak_flops(procs.device, resolve_dtype(cfg.train.precision), cfg.log.peak_tflops))
     metrics = MetricsLog(out_dir, procs.is_main, state.step, cfg.train.max_steps, cfg.log.tensorboard)
     try:
         schedule = functools.partial(lr_at, cfg=cfg.optim, max_steps=cfg.train.max_steps)
@@ -128,7 +128,3 @@ def _loop_data(cfg: PretrainConfig, shards: TokenShards, procs: Processes) -> Lo
     steps = StepBatches(windows, cfg.train.batch_size, micro, procs.rank, procs.world_size)
     val = PackedWindows(TokenShards(cfg.data.path, "val"), cfg.data.seq_len, cfg.train.seed, split="val")
     return LoopData(steps.train_step, eval_batches(val, cfg.eval.batches, micro, procs.rank, procs.world_size))
-
-
-def _compute_dtype(cfg: PretrainConfig) -> torch.dtype:
-    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[cfg.train.precision]
