@@ -124,7 +124,7 @@ def _build_model(cfg: PretrainConfig, data_vocab: int, procs: Processes) -> Tran
 def _loop_data(cfg: PretrainConfig, shards: TokenShards, procs: Processes) -> LoopData:
     micro = cfg.train.micro_batch_size
     accumulation_steps(cfg.train, procs.world_size)  # fails early if the global batch does not split evenly
-    windows = PackedWindows(shards, cfg.data.seq_len, cfg.train.seed)
-    steps = StepBatches(windows, cfg.train.batch_size, micro, procs.rank, procs.world_size)
-    val = PackedWindows(TokenShards(cfg.data.path, "val"), cfg.data.seq_len, cfg.train.seed, split="val")
+    windows = PackedWindows(shards, cfg.data.seq_len)
+    steps = StepBatches(windows, cfg.train.batch_size, micro, procs.rank, procs.world_size, cfg.train.seed)
+    val = PackedWindows(TokenShards(cfg.data.path, "val"), cfg.data.seq_len, split="val")
     return LoopData(steps.train_step, eval_batches(val, cfg.eval.batches, micro, procs.rank, procs.world_size))

@@ -9,7 +9,7 @@ import torch
 
 from llamakit.errors import ConfigError, DataError
 from llamakit.model import ModelConfig, Transformer
-from llamakit.train.batches import PackedWindows, StepBatches, eval_batches
+from llamakit.train.batches import EpochOrder, PackedWindows, StepBatches, eval_batches
 from llamakit.train.config import OptimSection, TrainSection, accumulation_steps, model_config, parse_config
 from llamakit.train.optim import build_optimizer, lr_at, param_groups
 
@@ -93,20 +93,21 @@ class Stream:
 
 
 def test_windows_cover_the_stream_once_per_epoch_in_a_seeded_order():
-    windows = PackedWindows(Stream(16 * 10 + 1), seq_len=16, seed=3)
-    first = [windows.window_at(i) for i in range(10)]
-    second = [windows.window_at(i) for i in range(10, 20)]
+    windows = PackedWindows(Stream(16 * 10 + 1), seq_len=16)
+    order = EpochOrder(windows.num_samples, seed=3)
+    first = [order(i) for i in range(10)]
+    second = [order(i) for i in range(10, 20)]
     assert sorted(first) == sorted(second) == list(range(10)) and first != second
-    assert first == [PackedWindows(Stream(161), 16, seed=3).window_at(i) for i in range(10)]
+    assert first == [EpochOrder(10, seed=3)(i) for i in range(10)]
     batch = windows.batch([2])
     assert batch["input_ids"].tolist() == [list(range(32, 48))] and batch["labels"].tolist() == [list(range(33, 49))]
     with pytest.raises(DataError, match="seq_len"):
-        PackedWindows(Stream(16), seq_len=16, seed=0)
+        PackedWindows(Stream(16), seq_len=16)
 
 
 @pytest.mark.parametrize("world_size", [1, 2, 4])
 def test_a_step_holds_the_same_samples_whatever_the_process_count(world_size):
-    windows = PackedWindows(Stream(64 * 40 + 1), seq_len=64, seed=0)
+    windows = PackedWindows(Stream(64 * 40 + 1), seq_len=64)
     reference = torch.cat([b["input_ids"] for b in StepBatches(windows, 8, 2).train_step(5)])
     parts = [StepBatches(windows, 8, 2, rank, world_size).train_step(5) for rank in range(world_size)]
     assert all(len(p) == 8 // world_size // 2 for p in parts)
