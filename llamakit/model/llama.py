@@ -81,6 +81,7 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(config.dim, self.n_kv_heads * self.head_dim, bias=False)
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, config.dim, bias=False)
         self.kv_cache: KVCache | None = None
+        self.prefix: nn.Module | None = None  # prefix/prompt tuning: called for (k, v) slots every query sees
 
     def forward(self, x, cos, sin, start_pos: int | torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         B, T, _ = x.shape
@@ -93,9 +94,27 @@ class Attention(nn.Module):
             if mask is not None:
                 k, v = k[:, :, :mask.size(-1)], v[:, :, :mask.size(-1)]  # the slots the mask covers
         # Without an explicit mask: causal over the new tokens, except one new token sees the whole cache.
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1,
+        is_causal = mask is None and T > 1
+        if self.prefix is not None and (prefix := self.prefix()) is not None:
+            k, v, mask = prepend_prefix(prefix, k, v, mask, T)
+            is_causal = False
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal,
                                            enable_gqa=self.n_kv_heads != self.n_heads)  # (B, H, T, D)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))  # (B, T, dim)
+
+
+def prepend_prefix(prefix: tuple[torch.Tensor, torch.Tensor], k: torch.Tensor, v: torch.Tensor,
+                   mask: torch.Tensor | None, T: int):
+    """Put P extra key/value slots (KV, P, D) before the S sequence slots, visible to every query."""
+    pk, pv = prefix
+    B, S, P = k.size(0), k.size(2), pk.size(-2)
+    k = torch.cat((pk.to(k.dtype).expand(B, *pk.shape), k), dim=2)  # (B, KV, P + S, D)
+    v = torch.cat((pv.to(v.dtype).expand(B, *pv.shape), v), dim=2)  # (B, KV, P + S, D)
+    if mask is None and T == 1:
+        return k, v, None
+    if mask is None:
+        mask = torch.ones(T, S, dtype=torch.bool, device=k.device).tril(S - T)  # causal (T, S)
+    return k, v, torch.cat((mask.new_ones(*mask.shape[:-1], P), mask), dim=-1)  # (..., T, P + S)
 
 
 class MLP(nn.Module):

@@ -1,0 +1,202 @@
+"""Adapters in PEFT's format: adapter_config.json + adapter_model.safetensors with PEFT's key names.
+
+`peft.PeftModel.from_pretrained` loads them onto the Hugging Face version of the base model, and we load
+adapters PEFT wrote. LoRA keys are our module names under `base_model.model.model.`; prefix and prompt
+tuning store one `prompt_embeddings` matrix. The safetensors metadata records the base's shape, so an
+adapter cannot be loaded onto a different model by mistake.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from llamakit.checkpoint.io import atomic_directory, read_json, write_json
+from llamakit.errors import CheckpointError
+from llamakit.model import Transformer
+from llamakit.model.llama import apply_rope, rope_cos_sin
+from llamakit.model.lora import LoRAConfig, apply_lora, lora_modules
+from llamakit.model.prefix import PrefixConfig, PrefixKV, apply_prefix_tuning, apply_prompt_tuning
+
+CONFIG, WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
+LORA_PREFIX = "base_model.model.model."  # PeftModel > LlamaForCausalLM > LlamaModel
+BASE_FIELDS = ("dim", "n_layers", "n_heads", "n_kv_heads", "hidden_dim", "vocab_size")
+METHODS = {"LORA": "lora", "PREFIX_TUNING": "prefix", "PROMPT_TUNING": "prompt"}
+
+
+def adapter_method(model: nn.Module) -> str | None:
+    """Which adapter the model carries: lora, prefix, prompt, or None."""
+    if lora_modules(model):
+        return "lora"
+    if hasattr(model, "soft_prompt"):
+        return "prompt"
+    if any(isinstance(m, PrefixKV) for m in model.modules()):
+        return "prefix"
+    return None
+
+
+def save_adapter(folder: str | Path, model: Transformer, method_cfg: LoRAConfig | PrefixConfig,
+                 base: str | None = None, overwrite: bool = False) -> Path:
+    """Write the model's adapter (and nothing of the frozen base) as a PEFT adapter folder, atomically."""
+    folder = Path(folder)
+    method = adapter_method(model)
+    config = _peft_config(model, method, method_cfg, base)
+    state = {k: v.detach().float().cpu().contiguous() for k, v in adapter_state(model).items()}
+    with atomic_directory(folder, overwrite=overwrite) as tmp:
+        write_json(tmp / CONFIG, config)
+        save_file(state, tmp / WEIGHTS, metadata={"format": "pt", "llamakit_base": json.dumps(_base(model))})
+    return folder
+
+
+def _peft_config(model: Transformer, method: str | None, cfg, base: str | None) -> dict:
+    common = {"task_type": "CAUSAL_LM", "inference_mode": True, "base_model_name_or_path": base, "revision": None}
+    c = model.config
+    if method == "lora":
+        return {**common, "peft_type": "LORA", "r": cfg.rank, "lora_alpha": cfg.alpha, "lora_dropout": cfg.dropout,
+                "target_modules": sorted(cfg.targets), "bias": "none", "fan_in_fan_out": False,
+                "modules_to_save": None, "init_lora_weights": True, "use_rslora": False, "use_dora": False,
+                "layers_to_transform": None, "layers_pattern": None, "rank_pattern": {}, "alpha_pattern": {}}
+    prompt = {"num_virtual_tokens": cfg.num_virtual_tokens, "num_transformer_submodules": 1, "num_layers": c.n_layers}
+    if method == "prompt":
+        return {**common, **prompt, "peft_type": "PROMPT_TUNING", "token_dim": c.dim,
+                "num_attention_heads": c.n_heads, "prompt_tuning_init": "RANDOM"}
+    if method == "prefix":  # PEFT sizes a GQA model's prefix by its key/value heads
+        kv_dim = c.kv_heads * c.head_dim
+        return {**common, **prompt, "peft_type": "PREFIX_TUNING", "token_dim": kv_dim,
+                "num_attention_heads": c.kv_heads, "encoder_hidden_size": kv_dim, "prefix_projection": False}
+    raise CheckpointError("the model carries no adapter to save; apply LoRA, prefix or prompt tuning first")
+
+
+def _base(model: Transformer) -> dict:
+    c = model.config
+    return {"dim": c.dim, "n_layers": c.n_layers, "n_heads": c.n_heads, "n_kv_heads": c.kv_heads,
+            "hidden_dim": c.ffn_hidden_dim, "vocab_size": c.vocab_size}
+
+
+def adapter_state(model: Transformer) -> dict[str, torch.Tensor]:
+    """The trainable adapter tensors under PEFT's names (what adapter_model.safetensors holds)."""
+    method = adapter_method(model)
+    if method == "lora":
+        return {f"{LORA_PREFIX}{name}.{part}.weight": getattr(m, part).weight
+                for name, m in lora_modules(model).items() for part in ("lora_A", "lora_B")}
+    if method == "prompt":
+        return {"prompt_embeddings": model.soft_prompt.embedding}
+    if method == "prefix":
+        return {"prompt_embeddings": _prefix_to_peft(model)}
+    return {}
+
+
+def _rotation(model: Transformer, position: int, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    return rope_cos_sin(model.inv_freq, torch.tensor([position], device=model.inv_freq.device), dtype)  # (1, D) each
+
+
+def _prefix_to_peft(model: Transformer) -> torch.Tensor:
+    """Our per-layer prefixes as PEFT's (P, L * 2 * KV * D) matrix.
+
+    Our text starts at position 0 with un-rotated prefix keys; in Hugging Face the text follows the P
+    prefix slots, at positions P.. . Rotating the keys by P positions makes the attention scores equal.
+    """
+    layers = []
+    for layer in model.layers:
+        key, value = layer.self_attn.prefix.key, layer.self_attn.prefix.value  # (KV, P, D)
+        P = key.size(1)
+        key = apply_rope(key, *_rotation(model, P, key.dtype))
+        layers.append(torch.stack((key, value)).permute(2, 0, 1, 3))  # (P, 2, KV, D)
+    return torch.stack(layers, dim=1).flatten(1)  # (P, L * 2 * KV * D)
+
+
+def _prefix_from_peft(model: Transformer, matrix: torch.Tensor) -> None:
+    c = model.config
+    P = matrix.size(0)
+    per_layer = matrix.view(P, c.n_layers, 2, c.kv_heads, c.head_dim).permute(1, 2, 3, 0, 4)  # (L, 2, KV, P, D)
+    for layer, (key, value) in zip(model.layers, per_layer):
+        prefix = layer.self_attn.prefix
+        prefix.key.copy_(apply_rope(key, *_rotation(model, -P, key.dtype)))
+        prefix.value.copy_(value)
+
+
+def load_adapter(model: Transformer, folder: str | Path) -> str:
+    """Apply the adapter in folder (PEFT format) to model, in eval mode; returns lora, prefix or prompt."""
+    folder = Path(folder)
+    config = _read_config(folder)
+    state, base = _read_weights(folder)
+    if base is not None and base != _base(model):
+        diff = ", ".join(f"{k}={base[k]} (this model: {v})" for k, v in _base(model).items() if base.get(k) != v)
+        raise CheckpointError(f"{folder}: this adapter was trained on a different base model ({diff}); load it "
+                              "onto the model it was trained from")
+    method = METHODS[config["peft_type"]]
+    _apply(model, method, config, folder)
+    _load_state(model, method, state, folder)
+    return method
+
+
+def read_adapter_config(folder: str | Path) -> LoRAConfig | PrefixConfig:
+    """The method settings an adapter folder was trained with."""
+    config = _read_config(Path(folder))
+    if config["peft_type"] == "LORA":
+        return LoRAConfig(rank=config["r"], alpha=config["lora_alpha"], dropout=config.get("lora_dropout", 0.0),
+                          targets=tuple(config["target_modules"]))
+    return PrefixConfig(num_virtual_tokens=config["num_virtual_tokens"])
+
+
+def _read_config(folder: Path) -> dict:
+    if not (folder / CONFIG).is_file():
+        raise CheckpointError(f"{folder}: no {CONFIG}; --adapter takes a folder written by `llamakit finetune` "
+                              "with a LoRA/prefix/prompt method (or by PEFT)")
+    config = read_json(folder / CONFIG)
+    kind = config.get("peft_type")
+    if kind not in METHODS:
+        raise CheckpointError(f"{folder}: peft_type {kind!r} is not supported; llamakit loads "
+                              f"{', '.join(METHODS)} adapters")
+    unsupported = [k for k in ("use_dora", "use_rslora", "layers_to_transform", "modules_to_save", "prefix_projection")
+                   if config.get(k)]
+    if unsupported or (kind == "LORA" and not isinstance(config.get("target_modules"), list)):
+        what = ", ".join(unsupported) or "target_modules given as a pattern"
+        raise CheckpointError(f"{folder}: {what} is not supported; use a plain adapter (or merge it with PEFT)")
+    return config
+
+
+def _read_weights(folder: Path) -> tuple[dict[str, torch.Tensor], dict | None]:
+    try:
+        with safe_open(folder / WEIGHTS, framework="pt") as f:
+            state = {k: f.get_tensor(k) for k in f.keys()}
+            base = (f.metadata() or {}).get("llamakit_base")
+    except Exception as e:  # missing or damaged file
+        raise CheckpointError(f"{folder / WEIGHTS}: cannot read the adapter weights ({e})") from None
+    return state, json.loads(base) if base else None
+
+
+def _apply(model: Transformer, method: str, config: dict, folder: Path) -> None:
+    try:
+        if method == "lora":
+            apply_lora(model, read_adapter_config(folder))
+        elif method == "prefix":
+            apply_prefix_tuning(model, PrefixConfig(config["num_virtual_tokens"]))
+        else:
+            apply_prompt_tuning(model, PrefixConfig(config["num_virtual_tokens"]))
+    except (KeyError, ValueError, TypeError) as e:
+        raise CheckpointError(f"{folder / CONFIG}: malformed adapter config ({e})") from None
+
+
+@torch.no_grad()
+def _load_state(model: Transformer, method: str, state: dict[str, torch.Tensor], folder: Path) -> None:
+    expected = adapter_state(model)
+    missing, unexpected = sorted(expected.keys() - state.keys()), sorted(state.keys() - expected.keys())
+    if missing or unexpected:
+        raise CheckpointError(f"{folder}: adapter tensors do not match this model (missing {missing[:3]}, "
+                              f"unexpected {unexpected[:3]}); was it trained on another base?")
+    for name, tensor in state.items():
+        if tensor.shape != expected[name].shape:
+            raise CheckpointError(f"{folder}: {name} has shape {tuple(tensor.shape)} but this model needs "
+                                  f"{tuple(expected[name].shape)}; load the adapter onto the base it was trained on")
+    if method == "prefix":
+        _prefix_from_peft(model, state["prompt_embeddings"].float())
+    else:
+        for name, tensor in state.items():
+            expected[name].copy_(tensor)
+    model.eval()
