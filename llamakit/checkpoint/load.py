@@ -8,6 +8,7 @@ import torch
 
 from llamakit.checkpoint import hf, llama2c, meta
 from llamakit.checkpoint.io import check_state_dict, read_json
+from llamakit.checkpoint.peft import load_adapter
 from llamakit.errors import CheckpointError, ConfigError
 from llamakit.model.config import ModelConfig, resolve_dtype
 from llamakit.model.llama import Transformer
@@ -112,15 +113,20 @@ def find_tokenizer(path: str | Path) -> Path | None:
 
 
 def load_checkpoint(path: str | Path, tokenizer: str | Path | None = None, dtype=None,
-                    device: torch.device | str = "cpu") -> tuple[Transformer, Tokenizer]:
-    """Model and tokenizer (given, or found beside the weights), checked to share a vocabulary."""
+                    device: torch.device | str = "cpu", adapter: str | Path | None = None
+                    ) -> tuple[Transformer, Tokenizer]:
+    """Model (with a fine-tuned adapter applied, if given) and tokenizer (given, or found beside the
+    weights), checked to share a vocabulary."""
     config = load_config(path)  # first: a wrong path is reported as such, not as a missing tokenizer
     tokenizer_path = tokenizer or find_tokenizer(path)
     if tokenizer_path is None:
         raise CheckpointError(f"{path}: no tokenizer.model beside the weights; pass the tokenizer file explicitly")
     tok = load_tokenizer(tokenizer_path)
     check_vocab(tok, config.vocab_size, str(path))
-    return load_model(path, dtype=dtype, device=device), tok
+    model = load_model(path, dtype=dtype, device=device)
+    if adapter is not None:
+        load_adapter(model, adapter)
+    return model, tok
 
 
 def _llama2c_files(folder: Path) -> list[Path]:

@@ -44,13 +44,18 @@ def save_adapter(folder: str | Path, model: Transformer, method_cfg: LoRAConfig 
                  base: str | None = None, overwrite: bool = False) -> Path:
     """Write the model's adapter (and nothing of the frozen base) as a PEFT adapter folder, atomically."""
     folder = Path(folder)
-    method = adapter_method(model)
-    config = _peft_config(model, method, method_cfg, base)
-    state = {k: v.detach().float().cpu().contiguous() for k, v in adapter_state(model).items()}
     with atomic_directory(folder, overwrite=overwrite) as tmp:
-        write_json(tmp / CONFIG, config)
-        save_file(state, tmp / WEIGHTS, metadata={"format": "pt", "llamakit_base": json.dumps(_base(model))})
+        write_adapter(tmp, model, method_cfg, adapter_params(model), base)
     return folder
+
+
+def write_adapter(folder: Path, model: Transformer, method_cfg: LoRAConfig | PrefixConfig,
+                  state: dict[str, torch.Tensor], base: str | None = None) -> None:
+    """Write adapter files into an existing folder; state holds the adapter tensors under our names."""
+    config = _peft_config(model, adapter_method(model), method_cfg, base)
+    tensors = {k: v.detach().float().cpu().contiguous() for k, v in to_peft(state, model).items()}
+    write_json(folder / CONFIG, config)
+    save_file(tensors, folder / WEIGHTS, metadata={"format": "pt", "llamakit_base": json.dumps(_base(model))})
 
 
 def _peft_config(model: Transformer, method: str | None, cfg, base: str | None) -> dict:
@@ -78,46 +83,65 @@ def _base(model: Transformer) -> dict:
             "hidden_dim": c.ffn_hidden_dim, "vocab_size": c.vocab_size}
 
 
-def adapter_state(model: Transformer) -> dict[str, torch.Tensor]:
-    """The trainable adapter tensors under PEFT's names (what adapter_model.safetensors holds)."""
+def adapter_params(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The adapter's own tensors under our module names (the frozen base excluded)."""
+    return {name: p for name, p in model.named_parameters() if _is_adapter(name)}
+
+
+def _is_adapter(name: str) -> bool:
+    return ".lora_" in name or name.startswith("soft_prompt.") or ".prefix." in name
+
+
+def to_peft(state: dict[str, torch.Tensor], model: Transformer) -> dict[str, torch.Tensor]:
+    """Adapter tensors under our names -> PEFT's names (what adapter_model.safetensors holds)."""
+    state = {k: v for k, v in state.items() if _is_adapter(k)}
+    if "soft_prompt.embedding" in state:
+        return {"prompt_embeddings": state["soft_prompt.embedding"]}
+    if any(".prefix." in k for k in state):
+        return {"prompt_embeddings": _prefix_to_peft(model, state)}
+    return {LORA_PREFIX + k: v for k, v in state.items()}
+
+
+def from_peft(state: dict[str, torch.Tensor], model: Transformer) -> dict[str, torch.Tensor]:
+    """PEFT's names -> ours, for a model that already carries the (empty) adapter."""
     method = adapter_method(model)
-    if method == "lora":
-        return {f"{LORA_PREFIX}{name}.{part}.weight": getattr(m, part).weight
-                for name, m in lora_modules(model).items() for part in ("lora_A", "lora_B")}
     if method == "prompt":
-        return {"prompt_embeddings": model.soft_prompt.embedding}
+        return {"soft_prompt.embedding": state["prompt_embeddings"]}
     if method == "prefix":
-        return {"prompt_embeddings": _prefix_to_peft(model)}
-    return {}
+        return _prefix_from_peft(model, state["prompt_embeddings"].float())
+    return {k.removeprefix(LORA_PREFIX): v for k, v in state.items()}
 
 
-def _rotation(model: Transformer, position: int, dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    return rope_cos_sin(model.inv_freq, torch.tensor([position], device=model.inv_freq.device), dtype)  # (1, D) each
+def _rotation(model: Transformer, position: int) -> tuple[torch.Tensor, torch.Tensor]:
+    positions = torch.tensor([position], device=model.inv_freq.device)
+    return rope_cos_sin(model.inv_freq, positions, torch.float32)  # (1, D) each
 
 
-def _prefix_to_peft(model: Transformer) -> torch.Tensor:
+def _prefix_to_peft(model: Transformer, state: dict[str, torch.Tensor]) -> torch.Tensor:
     """Our per-layer prefixes as PEFT's (P, L * 2 * KV * D) matrix.
 
     Our text starts at position 0 with un-rotated prefix keys; in Hugging Face the text follows the P
     prefix slots, at positions P.. . Rotating the keys by P positions makes the attention scores equal.
     """
     layers = []
-    for layer in model.layers:
-        key, value = layer.self_attn.prefix.key, layer.self_attn.prefix.value  # (KV, P, D)
-        P = key.size(1)
-        key = apply_rope(key, *_rotation(model, P, key.dtype))
-        layers.append(torch.stack((key, value)).permute(2, 0, 1, 3))  # (P, 2, KV, D)
+    for i in range(model.config.n_layers):
+        key, value = state[f"layers.{i}.self_attn.prefix.key"], state[f"layers.{i}.self_attn.prefix.value"]
+        cos, sin = _rotation(model, key.size(1))
+        key = apply_rope(key.float(), cos.to(key.device), sin.to(key.device))  # (KV, P, D)
+        layers.append(torch.stack((key, value.float())).permute(2, 0, 1, 3))  # (P, 2, KV, D)
     return torch.stack(layers, dim=1).flatten(1)  # (P, L * 2 * KV * D)
 
 
-def _prefix_from_peft(model: Transformer, matrix: torch.Tensor) -> None:
+def _prefix_from_peft(model: Transformer, matrix: torch.Tensor) -> dict[str, torch.Tensor]:
     c = model.config
     P = matrix.size(0)
     per_layer = matrix.view(P, c.n_layers, 2, c.kv_heads, c.head_dim).permute(1, 2, 3, 0, 4)  # (L, 2, KV, P, D)
-    for layer, (key, value) in zip(model.layers, per_layer):
-        prefix = layer.self_attn.prefix
-        prefix.key.copy_(apply_rope(key, *_rotation(model, -P, key.dtype)))
-        prefix.value.copy_(value)
+    cos, sin = _rotation(model, -P)
+    state = {}
+    for i, (key, value) in enumerate(per_layer):
+        state[f"layers.{i}.self_attn.prefix.key"] = apply_rope(key, cos.to(key.device), sin.to(key.device))
+        state[f"layers.{i}.self_attn.prefix.value"] = value
+    return state
 
 
 def load_adapter(model: Transformer, folder: str | Path) -> str:
@@ -131,7 +155,9 @@ def load_adapter(model: Transformer, folder: str | Path) -> str:
                               "onto the model it was trained from")
     method = METHODS[config["peft_type"]]
     _apply(model, method, config, folder)
-    _load_state(model, method, state, folder)
+    with torch.no_grad():
+        model.load_state_dict(read_adapter_weights(folder, model), strict=False)
+    model.eval()
     return method
 
 
@@ -164,7 +190,7 @@ def _read_config(folder: Path) -> dict:
 def _read_weights(folder: Path) -> tuple[dict[str, torch.Tensor], dict | None]:
     try:
         with safe_open(folder / WEIGHTS, framework="pt") as f:
-            state = {k: f.get_tensor(k) for k in f.keys()}
+            state = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is not iterable)
             base = (f.metadata() or {}).get("llamakit_base")
     except Exception as e:  # missing or damaged file
         raise CheckpointError(f"{folder / WEIGHTS}: cannot read the adapter weights ({e})") from None
@@ -183,9 +209,11 @@ def _apply(model: Transformer, method: str, config: dict, folder: Path) -> None:
         raise CheckpointError(f"{folder / CONFIG}: malformed adapter config ({e})") from None
 
 
-@torch.no_grad()
-def _load_state(model: Transformer, method: str, state: dict[str, torch.Tensor], folder: Path) -> None:
-    expected = adapter_state(model)
+def read_adapter_weights(folder: str | Path, model: Transformer) -> dict[str, torch.Tensor]:
+    """The adapter tensors in folder under our names, checked against the adapter model already carries."""
+    folder = Path(folder)
+    state, _ = _read_weights(folder)
+    expected = to_peft(adapter_params(model), model)
     missing, unexpected = sorted(expected.keys() - state.keys()), sorted(state.keys() - expected.keys())
     if missing or unexpected:
         raise CheckpointError(f"{folder}: adapter tensors do not match this model (missing {missing[:3]}, "
@@ -194,9 +222,4 @@ def _load_state(model: Transformer, method: str, state: dict[str, torch.Tensor],
         if tensor.shape != expected[name].shape:
             raise CheckpointError(f"{folder}: {name} has shape {tuple(tensor.shape)} but this model needs "
                                   f"{tuple(expected[name].shape)}; load the adapter onto the base it was trained on")
-    if method == "prefix":
-        _prefix_from_peft(model, state["prompt_embeddings"].float())
-    else:
-        for name, tensor in state.items():
-            expected[name].copy_(tensor)
-    model.eval()
+    return from_peft(state, model)

@@ -9,7 +9,7 @@ import sys
 from llamakit.cli.checkpoints import add_convert, add_download, add_info, convert, download, info
 from llamakit.cli.data import add_prepare, add_tokenizer, prepare, tokenizer_tools
 from llamakit.cli.inference import add_chat, add_generate, chat, generate
-from llamakit.cli.train import add_pretrain, pretrain
+from llamakit.cli.train import add_finetune, add_merge, add_pretrain, finetune, merge, pretrain
 from llamakit.errors import LlamakitError
 
 __all__ = ["COMMANDS", "build_parser", "main"]
@@ -23,6 +23,8 @@ COMMANDS = {  # name: (add arguments, run)
     "prepare": (add_prepare, prepare),
     "tokenizer": (add_tokenizer, tokenizer_tools),
     "pretrain": (add_pretrain, pretrain),
+    "finetune": (add_finetune, finetune),
+    "merge": (add_merge, merge),
 }
 
 

@@ -111,7 +111,8 @@ def _load_for_generation(args: argparse.Namespace):
     params = SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, min_p=args.min_p,
                             repetition_penalty=args.repetition_penalty)
     device = torch.device(args.device) if args.device else default_device()
-    model, tokenizer = load_checkpoint(args.checkpoint, args.tokenizer, args.dtype or default_dtype(device), device)
+    model, tokenizer = load_checkpoint(args.checkpoint, args.tokenizer, args.dtype or default_dtype(device), device,
+                                       adapter=args.adapter)
     generator = torch.Generator(device)
     generator.manual_seed(args.seed) if args.seed is not None else generator.seed()
     return prepare_for_decoding(model), tokenizer, params, generator
@@ -132,6 +133,7 @@ def _budget(max_new_tokens: int, window: int, prompt_len: int, index: int) -> in
 def _add_model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint", required=True, help="checkpoint folder (any format) or llama2.c .bin file")
     p.add_argument("--tokenizer", help="tokenizer file (default: the one in the checkpoint folder)")
+    p.add_argument("--adapter", help="a fine-tuned LoRA/prefix/prompt adapter folder (PEFT format) to apply on top")
     p.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda when present, else cpu)")
     p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], help="default: bf16 on GPUs, fp32 on CPU")
     p.add_argument("--max-seq-len", type=positive_int,

@@ -1,4 +1,4 @@
-"""`llamakit pretrain`: train a model from a YAML config."""
+"""`llamakit pretrain`, `finetune` and `merge`: train a model from a YAML config; fold an adapter into its base."""
 
 from __future__ import annotations
 
@@ -10,22 +10,85 @@ from pathlib import Path
 
 def pretrain(args: argparse.Namespace) -> None:
     """Pretrain a Llama on prepared shards with the LLaMA recipe, from a YAML config; --resume continues exactly."""
-    from llamakit.train import parse_config
+    from llamakit.train import PretrainConfig
     from llamakit.train import pretrain as run
 
+    final, out = _train(args, PretrainConfig, run)
+    if final is not None:
+        print(f"final model: {final}\n{_outputs(out)}\ntry: llamakit generate --checkpoint {final} \"Once upon a time\"")
+
+
+def finetune(args: argparse.Namespace) -> None:
+    """Fine-tune a model on instruction or chat data (full, LoRA, prefix or prompt tuning) from a YAML config."""
+    from llamakit.train.finetune import FinetuneConfig
+    from llamakit.train.finetune import finetune as run
+
+    final, out = _train(args, FinetuneConfig, run)
+    if final is None:
+        return
+    if (final / "adapter_config.json").is_file():
+        print(f"adapter: {final}\n{_outputs(out)}\ntry: llamakit chat --checkpoint {args.cfg.model.path} --adapter "
+              f"{final}\nor fold a LoRA adapter into the base: llamakit merge --base {args.cfg.model.path} "
+              f"--adapter {final} --output {out / 'merged'}")
+    else:
+        print(f"final model: {final}\n{_outputs(out)}\ntry: llamakit chat --checkpoint {final}")
+
+
+def _train(args: argparse.Namespace, kind: type, run):
+    """Parse the config and its overrides, train; returns (final folder, run folder) on rank 0, else None."""
+    from llamakit.train import parse_config
+
     overrides = [a for a in args.overrides if a != "--resume"]
-    cfg = parse_config(args.config, overrides)
+    cfg = args.cfg = parse_config(args.config, overrides, kind)
     logging.getLogger("llamakit").setLevel(logging.INFO)
     final = run(cfg, resume=args.resume or len(overrides) < len(args.overrides))
-    if int(os.environ.get("RANK", "0")) == 0:
-        out = Path(cfg.checkpoint.out_dir)
-        print(f"final model: {final}\nmetrics: {out / 'metrics.jsonl'} (TensorBoard: {out / 'tensorboard'}, "
-              f"curve: {out / 'loss.png'})\ntry: llamakit generate --checkpoint {final} \"Once upon a time\"")
+    if int(os.environ.get("RANK", "0")) != 0:
+        return None, None
+    return final, Path(cfg.checkpoint.out_dir)
 
 
-def add_pretrain(p: argparse.ArgumentParser) -> None:
-    p.add_argument("config", help="a YAML config, e.g. configs/pretrain/tiny.yaml")
+def _outputs(out: Path) -> str:
+    return f"metrics: {out / 'metrics.jsonl'} (TensorBoard: {out / 'tensorboard'}, curve: {out / 'loss.png'})"
+
+
+def merge(args: argparse.Namespace) -> None:
+    """Fold a LoRA adapter into its base model and write a normal model folder."""
+    from llamakit.checkpoint import find_tokenizer, load_model, save_model
+    from llamakit.checkpoint.peft import load_adapter
+    from llamakit.errors import LlamakitError
+    from llamakit.model.lora import merge_lora
+
+    model = load_model(args.base, dtype="fp32")
+    method = load_adapter(model, args.adapter)
+    if method != "lora":
+        raise LlamakitError(f"{args.adapter} is a {method}-tuning adapter: only LoRA updates fold into the weights; "
+                            f"use it unmerged with --adapter {args.adapter}")
+    tokenizer = args.tokenizer or find_tokenizer(args.base)
+    save_model(merge_lora(model), args.output, args.to, tokenizer=tokenizer, dtype=args.dtype, overwrite=args.force)
+    print(f"wrote the merged model to {args.output}; try: llamakit chat --checkpoint {args.output}")
+
+
+def _add_run_config(p: argparse.ArgumentParser, example: str) -> None:
+    p.add_argument("config", help=f"a YAML config, e.g. {example}")
     p.add_argument("--resume", action="store_true", help="continue the run in checkpoint.out_dir from its latest step")
     p.add_argument("overrides", nargs=argparse.REMAINDER, metavar="--section.key VALUE",
                    help="override any config value, e.g. --optim.lr 1e-3 --train.max_steps 500; "
-                        "`llamakit pretrain CONFIG --help` lists every key")
+                        "`llamakit COMMAND CONFIG --help` lists every key")
+
+
+def add_pretrain(p: argparse.ArgumentParser) -> None:
+    _add_run_config(p, "configs/pretrain/tiny.yaml")
+
+
+def add_finetune(p: argparse.ArgumentParser) -> None:
+    _add_run_config(p, "configs/finetune/tiny-lora.yaml")
+
+
+def add_merge(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--base", required=True, help="the base model the adapter was trained on (any format)")
+    p.add_argument("--adapter", required=True, help="a LoRA adapter folder (llamakit finetune's or PEFT's)")
+    p.add_argument("--output", required=True, help="the merged model folder to write")
+    p.add_argument("--to", default="llamakit", choices=["llamakit", "hf", "meta"], help="output format")
+    p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], help="store the merged weights in this dtype")
+    p.add_argument("--tokenizer", help="tokenizer file to copy beside the weights (default: the base's)")
+    p.add_argument("--force", action="store_true", help="replace --output if it exists (atomically)")

@@ -45,8 +45,10 @@ class Llama:
     @staticmethod
     def build(ckpt_dir: str | Path, tokenizer_path: str | Path | None, max_seq_len: int, max_batch_size: int,
               model_parallel_size: int | None = None, seed: int = 1, *, device: str | torch.device | None = None,
-              dtype: str | torch.dtype | None = None, chat_format: str | None = None) -> Llama:
-        """Load any checkpoint (Meta, Hugging Face, llama2.c, llamakit); tokenizer_path None uses the one beside it."""
+              dtype: str | torch.dtype | None = None, chat_format: str | None = None,
+              adapter_path: str | Path | None = None) -> Llama:
+        """Load any checkpoint (Meta, Hugging Face, llama2.c, llamakit); tokenizer_path None uses the one beside it;
+        adapter_path applies a fine-tuned LoRA/prefix/prompt adapter (PEFT format) on top."""
         if max_seq_len < 2 or max_batch_size < 1:
             raise LlamakitError(f"max_seq_len={max_seq_len} and max_batch_size={max_batch_size} must be at least "
                                 "2 and 1")
@@ -57,7 +59,7 @@ class Llama:
             log.info("running %d replicated processes (model_parallel_size=%s)", world, model_parallel_size)
         device = torch.device(device) if device is not None else default_device()
         model, tokenizer = load_checkpoint(ckpt_dir, tokenizer_path, resolve_dtype(dtype) or default_dtype(device),
-                                           device)
+                                           device, adapter=adapter_path)
         if max_seq_len > model.config.max_seq_len:
             log.warning("max_seq_len=%d exceeds the %d positions %s was trained on; quality may drop beyond them",
                         max_seq_len, model.config.max_seq_len, ckpt_dir)

@@ -6,6 +6,7 @@ import dataclasses
 from argparse import ArgumentError
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
 from llamakit.errors import ConfigError
 from llamakit.model import ModelConfig
@@ -98,6 +99,7 @@ class LogSection:
 
 @dataclass
 class PretrainConfig:
+    command: ClassVar[str] = "pretrain"
     model: ModelSection = field(default_factory=ModelSection)
     data: DataSection = field(default_factory=DataSection)
     optim: OptimSection = field(default_factory=OptimSection)
@@ -113,8 +115,8 @@ class PretrainConfig:
         return dataclasses.asdict(self)
 
 
-def check(cfg: PretrainConfig) -> None:
-    """Values a user can get wrong, named with their section, e.g. train.batch_size."""
+def check(cfg) -> None:
+    """Values a user can get wrong, named with their section, e.g. train.batch_size (any run config)."""
     t, o = cfg.train, cfg.optim
     positive = {"train.max_steps": t.max_steps, "train.batch_size": t.batch_size,
                 "train.micro_batch_size": t.micro_batch_size, "data.seq_len": cfg.data.seq_len,
@@ -163,31 +165,36 @@ def model_config(section: ModelSection, vocab_size: int, seq_len: int) -> ModelC
     return ModelConfig(**overrides)
 
 
-def parse_config(path: str | Path, overrides: list[str] = ()) -> PretrainConfig:
-    """Read a YAML preset and apply `--section.key value` overrides; unknown keys and bad values are errors."""
+def parse_config(path: str | Path, overrides: list[str] = (), kind: type = PretrainConfig):
+    """Read a YAML preset of a `kind` config and apply `--section.key value` overrides; unknown keys and bad
+    values are errors."""
     if not Path(path).is_file():
-        raise ConfigError(f"{path}: no such config file (presets are in configs/pretrain/)")
-    parser = config_parser()
+        raise ConfigError(f"{path}: no such config file (presets are in configs/)")
+    parser = config_parser(kind)
     try:
         namespace = parser.parse_args(["--config", str(path), *overrides])
     except ArgumentError as e:
         raise ConfigError(f"{path}: {' '.join(str(e).split())}") from None
-    sections = parser.instantiate(namespace)
-    return PretrainConfig(**{f.name: sections[f.name] for f in dataclasses.fields(PretrainConfig)})
+    try:
+        sections = parser.instantiate(namespace)
+    except (ValueError, TypeError) as e:  # a section's own validation, e.g. LoRAConfig's
+        raise ConfigError(f"{path}: {e}") from None
+    return kind(**{f.name: sections[f.name] for f in dataclasses.fields(kind)})
 
 
-def config_parser():
-    """The jsonargparse parser for PretrainConfig's sections (its --help lists every key)."""
+def config_parser(kind: type = PretrainConfig):
+    """The jsonargparse parser for a run config's sections (its --help lists every key)."""
     from jsonargparse import ActionConfigFile, ArgumentParser
 
-    parser = ArgumentParser(exit_on_error=False, prog="llamakit pretrain CONFIG.yaml", default_env=False)
-    parser.add_argument("--config", action=ActionConfigFile, help="a YAML preset, e.g. configs/pretrain/tiny.yaml")
-    for section in dataclasses.fields(PretrainConfig):
+    command = kind.command
+    parser = ArgumentParser(exit_on_error=False, prog=f"llamakit {command} CONFIG.yaml", default_env=False)
+    parser.add_argument("--config", action=ActionConfigFile, help=f"a YAML preset, e.g. configs/{command}/tiny.yaml")
+    for section in dataclasses.fields(kind):
         parser.add_class_arguments(section.default_factory, section.name, fail_untyped=True)
     return parser
 
 
-def dump_yaml(cfg: PretrainConfig) -> str:
+def dump_yaml(cfg) -> str:
     """The resolved config as YAML, loadable again with parse_config."""
     import yaml
 

@@ -26,6 +26,7 @@ from torch.distributed.checkpoint.state_dict import (
 
 from llamakit.checkpoint import read_checkpoint
 from llamakit.checkpoint.io import atomic_directory
+from llamakit.checkpoint.peft import read_adapter_weights, write_adapter
 from llamakit.checkpoint.save import write_native
 from llamakit.errors import CheckpointError
 from llamakit.tokenizer import Tokenizer
@@ -46,9 +47,10 @@ class Checkpointer:
     """Saves, finds, loads and prunes the step-N/ checkpoints of one run folder."""
 
     def __init__(self, out_dir: str | Path, keep_last: int, procs: Processes, tokenizer: Tokenizer | None,
-                 config_yaml: str):
+                 config_yaml: str, adapter=None, base: str | None = None):
         self.out_dir, self.keep_last, self.procs = Path(out_dir), keep_last, procs
         self.tokenizer, self.config_yaml = tokenizer, config_yaml
+        self.adapter, self.base = adapter, base  # adapter runs save only the adapter (PEFT format), not the base
 
     def latest(self) -> Path | None:
         """The newest complete step folder (incomplete ones are never renamed into place)."""
@@ -79,7 +81,10 @@ class Checkpointer:
         if not self.procs.is_main:
             return
         with atomic_directory(folder, overwrite=overwrite) as tmp:
-            write_native(tmp, inner.config, {k: v.contiguous() for k, v in weights.items()}, self.tokenizer)
+            if self.adapter is not None:
+                write_adapter(tmp, inner, self.adapter, weights, self.base)
+            else:
+                write_native(tmp, inner.config, {k: v.contiguous() for k, v in weights.items()}, self.tokenizer)
             (tmp / "train_config.yaml").write_text(self.config_yaml)
             if state is not None:
                 torch.save(optim_state, tmp / "optimizer.pt")
@@ -91,13 +96,18 @@ class Checkpointer:
         """Restore weights, optimizer, scaler and RNG from step-N/ (every process reads the files)."""
         inner = unwrap(model)
         try:
-            _, weights = read_checkpoint(folder)  # our own names (the files use Hugging Face's)
+            if self.adapter is not None:
+                weights = read_adapter_weights(folder, inner)
+            else:
+                _, weights = read_checkpoint(folder)  # our own names (the files use Hugging Face's)
             optim_state = torch.load(folder / "optimizer.pt", map_location="cpu", weights_only=True)
             trainer = torch.load(folder / "trainer.pt", map_location="cpu", weights_only=True)
+        except CheckpointError:
+            raise
         except Exception as e:  # a damaged file: OSError, safetensors or unpickling errors
             raise CheckpointError(f"{folder}: cannot resume from it ({e}); delete this folder to resume from "
                                   "the one before") from None
-        options = StateDictOptions(full_state_dict=True)
+        options = StateDictOptions(full_state_dict=True, strict=self.adapter is None)
         try:
             set_model_state_dict(inner, weights, options=options)
         except RuntimeError as e:

@@ -1,0 +1,136 @@
+"""`llamakit finetune`: a base model + instruction or chat data -> a fine-tuned model or a PEFT adapter.
+
+The same loop as pretraining; only the data (prompt tokens masked out of the loss), the starting
+weights and which parameters train differ. Methods: full fine-tuning, LoRA, prefix tuning, prompt tuning.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import ClassVar
+
+import torch
+
+from llamakit.checkpoint import find_tokenizer, load_model
+from llamakit.data.sft import SFTDataConfig, load_sft
+from llamakit.errors import ConfigError
+from llamakit.model import Transformer
+from llamakit.model.lora import LoRAConfig, apply_lora
+from llamakit.model.prefix import PrefixConfig, apply_prefix_tuning, apply_prompt_tuning
+from llamakit.tokenizer import check_vocab, load_tokenizer
+from llamakit.train.batches import StepBatches, eval_batches
+from llamakit.train.config import (
+    CheckpointSection,
+    EvalSection,
+    LogSection,
+    OptimSection,
+    TrainSection,
+    accumulation_steps,
+    check,
+)
+from llamakit.train.loop import LoopData
+from llamakit.train.metrics import flops_per_token
+from llamakit.train.objectives import NextTokenLoss
+from llamakit.train.parallel import Processes
+from llamakit.train.runner import Job, processes, run_training
+
+log = logging.getLogger(__name__)
+METHODS = ("full", "lora", "prefix", "prompt")
+
+
+@dataclass
+class BaseModelSection:
+    """The model to fine-tune (a checkpoint in any format) and how to hold its frozen weights."""
+
+    path: str = "checkpoints/base"
+    tokenizer: str | None = None  # None: the one beside the checkpoint
+    dtype: str = "fp32"  # the frozen base of an adapter method may be bf16; full fine-tuning trains fp32 weights
+
+
+@dataclass
+class MethodSection:
+    """What trains: everything (full), LoRA updates, prefix keys/values, or a soft prompt."""
+
+    name: str = "lora"
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
+    virtual_tokens: PrefixConfig = field(default_factory=PrefixConfig)  # prefix and prompt tuning
+
+
+@dataclass
+class FinetuneConfig:
+    command: ClassVar[str] = "finetune"
+    model: BaseModelSection = field(default_factory=BaseModelSection)
+    method: MethodSection = field(default_factory=MethodSection)
+    data: SFTDataConfig = field(default_factory=SFTDataConfig)
+    optim: OptimSection = field(default_factory=OptimSection)
+    train: TrainSection = field(default_factory=TrainSection)
+    eval: EvalSection = field(default_factory=EvalSection)
+    checkpoint: CheckpointSection = field(default_factory=lambda: CheckpointSection(out_dir="runs/finetune"))
+    log: LogSection = field(default_factory=LogSection)
+
+    def __post_init__(self) -> None:
+        check(self)
+        if self.method.name not in METHODS:
+            raise ConfigError(f"method.name={self.method.name!r}; choose one of {', '.join(METHODS)}")
+        if self.method.name == "full" and self.model.dtype != "fp32":
+            raise ConfigError(f"model.dtype={self.model.dtype}: full fine-tuning keeps fp32 master weights; use "
+                              "train.precision bf16 for bf16 compute (or an adapter method for a bf16 base)")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def finetune(cfg: FinetuneConfig, resume: bool = False) -> Path:
+    """Fine-tune and return final/: a model folder (full) or a PEFT adapter folder (lora, prefix, prompt)."""
+    with processes(cfg.train.device) as procs:
+        return _run(cfg, resume, procs)
+
+
+def _run(cfg: FinetuneConfig, resume: bool, procs: Processes) -> Path:
+    tokenizer = _tokenizer(cfg.model)
+    train_set, val_set, report = load_sft(cfg.data, tokenizer)
+    log.info("data: %s", ", ".join(f"{k} {v}" for k, v in report.items()))
+    model = load_model(cfg.model.path, dtype=cfg.model.dtype, device=procs.device)
+    check_vocab(tokenizer, model.config.vocab_size, str(cfg.model.path))
+    if cfg.data.seq_len > model.config.max_seq_len:
+        raise ConfigError(f"data.seq_len={cfg.data.seq_len} exceeds the base model's max_seq_len="
+                          f"{model.config.max_seq_len}; lower data.seq_len")
+    torch.manual_seed(cfg.train.seed)  # LoRA's A matrices: the same on every process and every run
+    adapter = apply_method(model, cfg.method)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    log.info("method %s: %d trainable parameters, %.4f%% of %d", cfg.method.name, trainable,
+             100 * trainable / model.num_params(), model.num_params())
+    # Frozen weights need no weight gradients: the backward pass costs 2N instead of 4N FLOPs per token.
+    flops = flops_per_token(model.config, cfg.data.seq_len) * (1 if adapter is None else 4 / 6)
+    job = Job(model.train(), NextTokenLoss(), _loop_data(cfg, train_set, val_set, procs), tokenizer, flops,
+              adapter=adapter, base=str(cfg.model.path))
+    return run_training(cfg, job, procs, resume)
+
+
+def apply_method(model: Transformer, method: MethodSection) -> LoRAConfig | PrefixConfig | None:
+    """Mark what trains; returns the adapter's settings (None for full fine-tuning)."""
+    if method.name == "full":
+        model.float().requires_grad_(True)
+        return None
+    if method.name == "lora":
+        apply_lora(model, method.lora)
+        return method.lora
+    (apply_prefix_tuning if method.name == "prefix" else apply_prompt_tuning)(model, method.virtual_tokens)
+    return method.virtual_tokens
+
+
+def _tokenizer(section: BaseModelSection):
+    path = section.tokenizer or find_tokenizer(section.path)
+    if path is None:
+        raise ConfigError(f"{section.path}: no tokenizer.model beside the base model; set model.tokenizer")
+    return load_tokenizer(path)
+
+
+def _loop_data(cfg: FinetuneConfig, train_set, val_set, procs: Processes) -> LoopData:
+    micro = cfg.train.micro_batch_size
+    accumulation_steps(cfg.train, procs.world_size)  # fails early if the global batch does not split evenly
+    steps = StepBatches(train_set, cfg.train.batch_size, micro, procs.rank, procs.world_size, cfg.train.seed)
+    return LoopData(steps.train_step, eval_batches(val_set, cfg.eval.batches, micro, procs.rank, procs.world_size))

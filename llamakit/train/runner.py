@@ -1,0 +1,114 @@
+"""What every training method shares around the loop: the run folder, parallelism, optimizer, resume, metrics."""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import yaml
+from torch import nn
+
+from llamakit.errors import ConfigError
+from llamakit.model import resolve_dtype
+from llamakit.tokenizer import Tokenizer
+from llamakit.train.config import dump_yaml
+from llamakit.train.loop import LoopData, LoopSettings, train
+from llamakit.train.metrics import MetricsLog, peak_flops, plot_losses
+from llamakit.train.optim import build_optimizer, lr_at
+from llamakit.train.parallel import Processes, close_processes, init_processes, keep_freed_memory, parallelize
+from llamakit.train.state import Checkpointer, TrainState
+
+log = logging.getLogger(__name__)
+# Settings that may change when resuming: everything else must match, or the run would not be the same run.
+RESUMABLE_CHANGES = ("train.max_steps", "checkpoint", "log", "eval", "train.device", "train.compile",
+                     "train.activation_checkpointing", "train.parallel", "train.micro_batch_size")
+
+
+@dataclass
+class Job:
+    """What a method brings to the loop: the model (its trainable parameters marked), objective and data."""
+
+    model: nn.Module
+    objective: object
+    data: LoopData
+    tokenizer: Tokenizer
+    flops_per_token: float
+    adapter: object | None = None  # LoRAConfig/PrefixConfig: checkpoints hold only the adapter
+    base: str | None = None  # the base model an adapter belongs to
+
+
+@contextlib.contextmanager
+def processes(device: str):
+    """This process's place in the job, for the duration of a run (torch.distributed set up and torn down)."""
+    procs = init_processes(device)
+    if procs.device.type == "cpu":
+        keep_freed_memory()
+    try:
+        yield procs
+    finally:
+        close_processes()
+
+
+def run_training(cfg, job: Job, procs: Processes, resume: bool) -> Path:
+    """Train job with the run config's optimizer, schedule and checkpoints; returns the final/ folder."""
+    out_dir = Path(cfg.checkpoint.out_dir)
+    checkpointer = Checkpointer(out_dir, cfg.checkpoint.keep_last, procs, job.tokenizer, dump_yaml(cfg),
+                                adapter=job.adapter, base=job.base)
+    latest = check_run_folder(cfg, out_dir, checkpointer.latest(), resume)
+    model = parallelize(job.model, cfg.train, procs)
+    optimizer = build_optimizer(model, cfg.optim)
+    scaler = torch.amp.GradScaler(procs.device.type) if cfg.train.precision == "fp16" else None
+    state = checkpointer.load(latest, model, optimizer, scaler) if latest else TrainState()
+    if latest:
+        log.info("resuming from %s (step %d)", latest, state.step)
+    if procs.is_main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "train_config.yaml").write_text(dump_yaml(cfg))
+    settings = LoopSettings(
+        max_steps=cfg.train.max_steps, grad_clip=cfg.optim.grad_clip, precision=cfg.train.precision,
+        eval_every=cfg.eval.every, save_every=cfg.checkpoint.every, log_every=cfg.log.every,
+        world_size=procs.world_size, flops_per_token=job.flops_per_token,
+        peak_flops=peak_flops(procs.device, resolve_dtype(cfg.train.precision), cfg.log.peak_tflops))
+    metrics = MetricsLog(out_dir, procs.is_main, state.step, cfg.train.max_steps, cfg.log.tensorboard)
+    try:
+        schedule = functools.partial(lr_at, cfg=cfg.optim, max_steps=cfg.train.max_steps)
+        train(model, job.objective, optimizer, schedule, job.data, settings, state, checkpointer, metrics, scaler)
+    finally:
+        metrics.close()
+    final = checkpointer.save_final(model)
+    if procs.is_main and cfg.log.plot:
+        plot_losses(out_dir / "metrics.jsonl", out_dir / "loss.png")
+    return final
+
+
+def check_run_folder(cfg, out_dir: Path, latest: Path | None, resume: bool) -> Path | None:
+    """The checkpoint to resume from, if any; refuses to mix two different runs in one folder."""
+    if latest is None:
+        if resume:
+            log.info("--resume: no checkpoint in %s yet; starting from step 0", out_dir)
+        return None
+    if not resume:
+        raise ConfigError(f"{out_dir} already holds checkpoints (latest: {latest.name}); pass --resume to continue "
+                          "that run, or set checkpoint.out_dir to a new folder")
+    saved = _flatten(yaml.safe_load((latest / "train_config.yaml").read_text()))
+    now = _flatten(yaml.safe_load(dump_yaml(cfg)))
+    changed = sorted(k for k in saved.keys() | now.keys()
+                     if saved.get(k) != now.get(k) and not k.startswith(RESUMABLE_CHANGES))
+    if changed:
+        raise ConfigError(f"--resume: {', '.join(changed)} differ from the run in {out_dir}; resuming exactly needs "
+                          "the same values (start a new run in another checkpoint.out_dir to change them)")
+    return latest
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict:
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
