@@ -22,3 +22,7 @@ class CheckpointError(LlamakitError):
 
 class DataError(LlamakitError):
     """Missing, empty, malformed or mismatched training data."""
+
+
+class EvalError(LlamakitError):
+    """An unknown task, a missing or malformed evaluation file, or an example that cannot be scored."""

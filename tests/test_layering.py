@@ -13,6 +13,7 @@ ALLOWED = {  # layer -> layers it may import (errors is a leaf every layer may u
     "generate": {"generate", "model", "tokenizer", "checkpoint", "errors"},
     "data": {"data", "tokenizer", "errors"},
     "train": {"train", "data", "model", "tokenizer", "checkpoint", "generate", "errors"},
+    "eval": {"eval", "model", "tokenizer", "checkpoint", "generate", "errors"},
 }
 
 

@@ -8,6 +8,7 @@ import sys
 
 from llamakit.cli.checkpoints import add_convert, add_download, add_info, convert, download, info
 from llamakit.cli.data import add_prepare, add_tokenizer, prepare, tokenizer_tools
+from llamakit.cli.evaluate import add_eval, evaluate
 from llamakit.cli.inference import add_chat, add_generate, chat, generate
 from llamakit.cli.train import add_finetune, add_merge, add_pretrain, finetune, merge, pretrain
 from llamakit.errors import LlamakitError
@@ -25,6 +26,7 @@ COMMANDS = {  # name: (add arguments, run)
     "pretrain": (add_pretrain, pretrain),
     "finetune": (add_finetune, finetune),
     "merge": (add_merge, merge),
+    "eval": (add_eval, evaluate),
 }
 
 

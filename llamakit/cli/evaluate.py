@@ -1,0 +1,106 @@
+"""`llamakit eval`: benchmark tasks and perplexity on a checkpoint, a table on stdout and a traceable JSON file."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from llamakit.cli.argtypes import positive_int
+from llamakit.cli.inference import _add_model_options
+from llamakit.errors import LlamakitError
+
+
+def evaluate(args: argparse.Namespace) -> None:
+    """Evaluate a checkpoint on tasks (hellaswag, piqa, mmlu, nq, ...) and/or the perplexity of a text."""
+    import torch
+
+    from llamakit.eval import EvalOptions, RunLog, format_table, prepare, run_tasks
+    from llamakit.eval.runner import run_settings
+
+    paths = _task_paths(args)  # every name and file checked before the model loads
+    model, tokenizer, loaded = _load(args)
+    window = args.max_seq_len or model.config.max_seq_len
+    opts = EvalOptions(window, args.batch_size, args.limit, args.num_fewshot, args.stride, not args.no_progress)
+    runners = []
+    for name, path in paths.items():
+        task_opts = opts if name != "perplexity" else EvalOptions(args.window or window, args.batch_size,
+                                                                 stride=args.stride, progress=opts.progress)
+        runners.append((name, prepare(name, path, tokenizer, task_opts)))
+    torch.manual_seed(args.seed)  # scoring and greedy answers are deterministic; recorded for reproducibility
+    settings = {**loaded, "tasks": list(paths), "seed": args.seed, "perplexity_window": args.window or window,
+                "perplexity_stride": args.stride or args.window or window}
+    log = RunLog(run_settings(opts, **settings), args.output)
+    try:
+        results = run_tasks(model, runners, log)
+    except LlamakitError as e:
+        if args.output and log.results:
+            raise LlamakitError(f"{e} (the finished tasks are saved in {args.output})") from None
+        raise
+    print(format_table(results))
+    if args.output:
+        print(f"results and per-example records: {args.output}")
+
+
+def _task_paths(args: argparse.Namespace) -> dict[str, Path]:
+    """Task name -> data path, from --tasks, --data TASK=PATH, --data-dir and --text."""
+    from llamakit.eval import resolve_path, task_names
+
+    given = {}
+    for item in args.data:
+        name, sep, path = item.partition("=")
+        if not sep or not path:
+            raise LlamakitError(f"--data {item!r} is not TASK=PATH; e.g. --data piqa=piqa/valid.jsonl")
+        given[task_names(name)[0]] = Path(path)
+    names = task_names(args.tasks) if args.tasks else []
+    if args.text:
+        given["perplexity"] = Path(args.text)
+        names = [n for n in names if n != "perplexity"] + ["perplexity"]
+    if not names:
+        raise LlamakitError("nothing to evaluate; pass --tasks (e.g. --tasks piqa,hellaswag) and/or --text FILE")
+    unused = sorted(set(given) - set(names))
+    if unused:
+        raise LlamakitError(f"--data given for {', '.join(unused)}, which --tasks does not list; add it to --tasks")
+    data_dir = Path(args.data_dir) if args.data_dir else None
+    return {name: resolve_path(name, given.get(name), data_dir) for name in names}
+
+
+def _load(args: argparse.Namespace):
+    """Model and tokenizer on the chosen device, and the facts that identify them (paths, sha256, dtype)."""
+    import torch
+
+    from llamakit.checkpoint import find_tokenizer, load_checkpoint
+    from llamakit.eval.readers import sha256_of
+    from llamakit.generate.meta_api import default_device, default_dtype
+
+    device = torch.device(args.device) if args.device else default_device()
+    dtype = args.dtype or default_dtype(device)
+    model, tokenizer = load_checkpoint(args.checkpoint, args.tokenizer, dtype, device, adapter=args.adapter)
+    checkpoint = Path(args.checkpoint)
+    files = [p for p in checkpoint.iterdir() if p.is_file()] if checkpoint.is_dir() else [checkpoint]
+    loaded = {"checkpoint": str(checkpoint), "checkpoint_sha256": sha256_of(files),
+              "tokenizer": str(tokenizer.path), "tokenizer_sha256": sha256_of([Path(tokenizer.path)]),
+              "adapter": args.adapter, "device": str(device), "dtype": str(model.embed_tokens.weight.dtype),
+              "tokenizer_found_beside_checkpoint": args.tokenizer is None and find_tokenizer(checkpoint) is not None}
+    return model, tokenizer, loaded
+
+
+def add_eval(p: argparse.ArgumentParser) -> None:
+    _add_model_options(p)
+    p.add_argument("--tasks", help="comma-separated: hellaswag, piqa, siqa, arc_easy, arc_challenge, openbookqa, "
+                   "boolq, winogrande, mmlu, nq, triviaqa, perplexity")
+    p.add_argument("--data", action="append", default=[], metavar="TASK=PATH",
+                   help="a task's data file (or folder; MMLU: the folder with dev/ and test/); repeatable")
+    p.add_argument("--data-dir", metavar="DIR", help="look for each task's data in DIR/<task folder> (e.g. "
+                   "DIR/piqa/valid.jsonl, DIR/mmlu/, DIR/arc/ARC-Easy/ARC-Easy-Test.jsonl)")
+    p.add_argument("--limit", type=positive_int, help="evaluate the first N examples of each task (MMLU: per subject)")
+    p.add_argument("--batch-size", type=positive_int, default=16, help="sequences per forward pass (default 16)")
+    p.add_argument("--num-fewshot", type=int, choices=range(0, 6), metavar="K",
+                   help="shots for MMLU (default 5) and QA (default 1, at most 1); other tasks are zero-shot")
+    p.add_argument("--seed", type=int, default=0, help="recorded with the results (evaluation is deterministic)")
+    p.add_argument("--output", help="write settings, metrics and per-example records to this JSON file (rewritten "
+                   "after each task)")
+    p.add_argument("--text", metavar="FILE", help="also report the perplexity of this text file")
+    p.add_argument("--window", type=positive_int, help="perplexity window in tokens (default: the context window)")
+    p.add_argument("--stride", type=positive_int, help="perplexity: start a window every N tokens (default: the "
+                   "window, i.e. independent chunks; smaller gives every token more context)")
+    p.add_argument("--no-progress", action="store_true", help="hide the progress bars")
