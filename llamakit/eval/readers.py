@@ -85,11 +85,16 @@ def labels_beside(path: Path) -> Path:
 
 
 def sha256_of(paths: list[Path]) -> str:
-    """One sha256 over the names and contents of these files (a checkpoint folder, a data set)."""
+    """The sha256 of one file; for several, of their `sha256sum` lines sorted by name (`sha256sum * | sha256sum`)."""
+    if len(paths) == 1:
+        return _file_sha256(paths[0])
+    lines = "".join(f"{_file_sha256(p)}  {p.name}\n" for p in sorted(paths, key=lambda p: p.name))
+    return hashlib.sha256(lines.encode()).hexdigest()
+
+
+def _file_sha256(path: Path) -> str:
     digest = hashlib.sha256()
-    for path in sorted(paths):
-        digest.update(path.name.encode() + b"\0")
-        with open(path, "rb") as f:
-            while chunk := f.read(1 << 20):
-                digest.update(chunk)
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
     return digest.hexdigest()

@@ -13,7 +13,7 @@ from llamakit.errors import EvalError
 from llamakit.eval import mmlu, qa
 from llamakit.eval.multiple_choice import ACC_NORM, TaskResult, accuracy, score_examples
 from llamakit.eval.perplexity import text_perplexity
-from llamakit.eval.readers import read_lines, sha256_of
+from llamakit.eval.readers import labels_beside, read_lines, sha256_of
 from llamakit.eval.results import RunLog
 from llamakit.eval.scoring import TOKENIZATION
 from llamakit.eval.tasks import TASKS, MCTask
@@ -96,8 +96,14 @@ def prepare(name: str, path: Path, tokenizer: Tokenizer, opts: EvalOptions) -> R
 def _multiple_choice(model, tokenizer, task: MCTask, path: Path, examples, opts: EvalOptions) -> TaskResult:
     records = score_examples(model, tokenizer, examples, opts.window, opts.batch_size, opts.progress, desc=task.name)
     settings = {"template_version": task.version, "template": task.template, "n_shot": 0,
-                "normalisation": ACC_NORM, "data": str(path), "data_sha256": sha256_of([path])}
+                "normalisation": ACC_NORM, "data": str(path), "data_sha256": sha256_of(_data_files(path))}
     return TaskResult(task.name, accuracy(records), settings, records)
+
+
+def _data_files(path: Path) -> list[Path]:
+    """A data file and, where the official release keeps labels apart (PIQA, SIQA), its labels file."""
+    labels = labels_beside(path)
+    return [path, labels] if labels.is_file() else [path]
 
 
 def _perplexity(model, tokenizer, path: Path, text: str, opts: EvalOptions) -> TaskResult:

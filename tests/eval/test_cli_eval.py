@@ -1,0 +1,100 @@
+"""`llamakit eval` end to end on stories260K: a table, a traceable JSON; bad input fails in one line, keeping results."""
+
+import hashlib
+import json
+import subprocess
+import sys
+
+import pytest
+
+from llamakit.cli import main
+
+
+@pytest.fixture(scope="module")
+def model_args(assets):
+    tiny = assets / "tinyllamas"
+    return ["--checkpoint", str(tiny / "stories260K.bin"), "--tokenizer", str(tiny / "tok512.model"), "--no-progress"]
+
+
+def eval_cli(capsys, *args):
+    """Run `llamakit eval` in this process; (exit code, stdout, stderr)."""
+    code = main(["eval", *map(str, args)])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_end_to_end_table_and_json(assets, model_args, tmp_path):
+    output = tmp_path / "results.json"
+    text = tmp_path / "story.txt"
+    text.write_text("Once upon a time, there was a little dog. He liked to run.\n" * 40)
+    result = subprocess.run([sys.executable, "-m", "llamakit", "eval", *model_args, "--tasks", "piqa,hellaswag,mmlu",
+                             "--data-dir", str(assets / "eval"), "--limit", "3", "--output", str(output),
+                             "--text", str(text), "--stride", "256"], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0].split() == ["task", "metric", "value", "±", "stderr", "n"]
+    for task, metric in [("piqa", "acc"), ("piqa", "acc_norm"), ("hellaswag", "acc_norm"), ("mmlu", "acc_macro"),
+                         ("perplexity", "token_perplexity")]:
+        assert any(line.split()[:2] == [task, metric] for line in lines), (task, metric)
+    data = json.loads(output.read_text())
+    assert data["status"] == "complete" and list(data["results"]) == ["piqa", "hellaswag", "mmlu", "perplexity"]
+    settings = data["settings"]
+    checkpoint = assets / "tinyllamas" / "stories260K.bin"
+    assert settings["checkpoint_sha256"] == hashlib.sha256(checkpoint.read_bytes()).hexdigest()
+    assert settings["seed"] == 0 and settings["window"] == 512 and "UTF-8 bytes" in settings["acc_norm"]
+    piqa = data["results"]["piqa"]
+    assert piqa["settings"]["template_version"] == "1" and piqa["settings"]["n_shot"] == 0
+    assert len(piqa["examples"]) == 3 and piqa["metrics"]["acc"] == sum(e["acc"] for e in piqa["examples"]) / 3
+    mmlu = data["results"]["mmlu"]
+    assert len(mmlu["subjects"]) == 57 and mmlu["metrics"]["n"] == 171 and "n_shot" in mmlu["examples"][0]
+    ppl = data["results"]["perplexity"]
+    assert ppl["settings"]["stride"] == 256 and ppl["metrics"]["tokens"] > 512 and ppl["metrics"]["windows"] > 1
+
+
+def test_unknown_task(model_args, capsys):
+    code, _, err = eval_cli(capsys, *model_args, "--tasks", "piqa,hellaswagg", "--data-dir", ".")
+    assert code == 1 and err.count("\n") == 1 and "unknown task hellaswagg; choose from" in err
+
+
+def test_missing_data(model_args, capsys, tmp_path):
+    code, _, err = eval_cli(capsys, *model_args, "--tasks", "piqa", "--data", f"piqa={tmp_path / 'nope.jsonl'}")
+    assert code == 1 and err.count("\n") == 1 and "nope.jsonl does not exist" in err
+    code, _, err = eval_cli(capsys, *model_args, "--tasks", "boolq")
+    assert code == 1 and "no data for task boolq: pass --data boolq=PATH or --data-dir" in err
+    code, _, err = eval_cli(capsys, *model_args, "--tasks", "piqa", "--data-dir", tmp_path)
+    assert code == 1 and "piqa" in err and err.count("\n") == 1
+
+
+def test_malformed_rows(model_args, capsys, tmp_path):
+    bad = tmp_path / "dev.jsonl"
+    bad.write_text('{"question": "q", "passage": "p", "answer": true}\n{"question": "q"}\n')
+    code, _, err = eval_cli(capsys, *model_args, "--tasks", "boolq", "--data", f"boolq={bad}")
+    assert code == 1 and err.count("\n") == 1 and "dev.jsonl:2: missing field 'passage'" in err
+
+
+def long_ending_hellaswag(path):
+    path.write_text("A dog:\n0\n" + "ran." + " and then he ran" * 200 + "\nsat.\nslept.\nate.\n")
+    return path
+
+
+def test_continuation_longer_than_the_window(model_args, capsys, tmp_path):
+    hellaswag = long_ending_hellaswag(tmp_path / "h.txt")
+    code, _, err = eval_cli(capsys, *model_args, "--tasks", "hellaswag", "--data", f"hellaswag={hellaswag}")
+    assert code == 1 and err.count("\n") == 1 and "does not fit the 512-token window" in err
+
+
+def test_a_failing_task_keeps_the_finished_ones(assets, model_args, capsys, tmp_path):
+    output = tmp_path / "results.json"
+    hellaswag = long_ending_hellaswag(tmp_path / "h.txt")
+    code, out, err = eval_cli(capsys, *model_args, "--tasks", "piqa,hellaswag", "--limit", "4", "--output", output,
+                              "--data", f"piqa={assets / 'eval' / 'piqa' / 'valid.jsonl'}",
+                              "--data", f"hellaswag={hellaswag}")
+    assert code == 1 and err.count("\n") == 1 and f"finished tasks are saved in {output}" in err
+    data = json.loads(output.read_text())
+    assert data["status"] == "failed" and data["error"].startswith("hellaswag: a continuation of")
+    assert list(data["results"]) == ["piqa"] and len(data["results"]["piqa"]["examples"]) == 4
+
+
+def test_shots_for_a_zero_shot_task(model_args, capsys, assets):
+    code, _, err = eval_cli(capsys, *model_args, "--tasks", "piqa", "--data-dir", assets / "eval", "--num-fewshot", "3")
+    assert code == 1 and "piqa is evaluated zero-shot" in err
