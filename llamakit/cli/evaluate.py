@@ -27,8 +27,7 @@ def evaluate(args: argparse.Namespace) -> None:
                                                                  stride=args.stride, progress=opts.progress)
         runners.append((name, prepare(name, path, tokenizer, task_opts)))
     torch.manual_seed(args.seed)  # scoring and greedy answers are deterministic; recorded for reproducibility
-    settings = {**loaded, "tasks": list(paths), "seed": args.seed, "perplexity_window": args.window or window,
-                "perplexity_stride": args.stride or args.window or window}
+    settings = {**loaded, "tasks": list(paths), "seed": args.seed}
     log = RunLog(run_settings(opts, **settings), args.output)
     try:
         results = run_tasks(model, runners, log)
@@ -68,6 +67,7 @@ def _load(args: argparse.Namespace):
     """Model and tokenizer on the chosen device, and the facts that identify them (paths, sha256, dtype)."""
     import torch
 
+    from llamakit import __version__
     from llamakit.checkpoint import find_tokenizer, load_checkpoint
     from llamakit.eval.readers import sha256_of
     from llamakit.generate.meta_api import default_device, default_dtype
@@ -77,7 +77,7 @@ def _load(args: argparse.Namespace):
     model, tokenizer = load_checkpoint(args.checkpoint, args.tokenizer, dtype, device, adapter=args.adapter)
     checkpoint = Path(args.checkpoint)
     files = [p for p in checkpoint.iterdir() if p.is_file()] if checkpoint.is_dir() else [checkpoint]
-    loaded = {"checkpoint": str(checkpoint), "checkpoint_sha256": sha256_of(files),
+    loaded = {"llamakit_version": __version__, "checkpoint": str(checkpoint), "checkpoint_sha256": sha256_of(files),
               "tokenizer": str(tokenizer.path), "tokenizer_sha256": sha256_of([Path(tokenizer.path)]),
               "adapter": args.adapter, "device": str(device), "dtype": str(model.embed_tokens.weight.dtype),
               "tokenizer_found_beside_checkpoint": args.tokenizer is None and find_tokenizer(checkpoint) is not None}
