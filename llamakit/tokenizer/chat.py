@@ -14,6 +14,7 @@ SPECIAL_TAGS = ("[INST]", "[/INST]", "<<SYS>>", "<</SYS>>")
 UNSAFE_REPLY = "Error: special tags are not allowed as part of the prompt."
 
 Dialog = list[dict[str, Any]]
+Exchange = tuple[list[int], list[int]]  # (prompt ids, reply ids) of one assistant turn
 
 _DIALOG_SHAPE = ("a dialog is a list of {'role': ..., 'content': ...} dicts: an optional 'system' message first, "
                  "then 'user' and 'assistant' messages alternating, starting and ending with 'user'")
@@ -81,6 +82,67 @@ def encode_dialog(tokenizer: Tokenizer, dialog: Dialog, style: str | None = None
     return _encode_llama3(tokenizer, dialog)
 
 
+def check_training_dialog(dialog: Dialog) -> None:
+    """Raise ChatFormatError unless dialog is a valid dialog followed by a final assistant reply."""
+    if not isinstance(dialog, list) or not dialog:
+        check_dialog(dialog)  # reports the empty list or the wrong type
+    _check_message(len(dialog) - 1, dialog[-1])
+    if dialog[-1]["role"] != "assistant":
+        raise ChatFormatError(f"the last message (index {len(dialog) - 1}) is from '{dialog[-1]['role']}'; a "
+                              "dialog to train on ends with the 'assistant' reply the model should learn")
+    if not any(isinstance(m, dict) and m.get("role") == "user" for m in dialog[:-1]):
+        raise ChatFormatError("the dialog has no 'user' message before the 'assistant' reply; give every reply "
+                              "the user message it answers")
+    check_dialog(dialog[:-1])
+
+
+def encode_exchanges(tokenizer: Tokenizer, dialog: Dialog, style: str | None = None) -> list[Exchange]:
+    """A dialog ending in an assistant reply as (prompt ids, reply ids) pairs, one per assistant message.
+
+    Concatenated in order they give the whole training sequence. Each reply holds the assistant's content
+    ids and the id that ends it (eos for llama2, <|eot_id|> for llama3); the ids before a reply are what
+    encode_dialog gives for the dialog up to the user message it answers.
+    """
+    style = _resolve_style(tokenizer, style)
+    check_training_dialog(dialog)
+    if style == "llama2":
+        return _llama2_exchanges(tokenizer, dialog)
+    return _llama3_exchanges(tokenizer, dialog)
+
+
+def _llama2_exchanges(tokenizer: Tokenizer, dialog: Dialog) -> list[Exchange]:
+    """Llama 2 exchanges, each split where the assistant's reply begins."""
+    dialog = _fold_system(dialog)
+    pairs = []
+    for user, assistant in zip(dialog[::2], dialog[1::2]):
+        ids = tokenizer.encode(_llama2_exchange(user, assistant), bos=True, eos=True)
+        # The reply is tokenized in context, as the model would produce it; split after the shared prefix.
+        cut = common_prefix(tokenizer.encode(_llama2_open_turn(user), bos=True), ids)
+        pairs.append((ids[:cut], ids[cut:]))
+    return pairs
+
+
+def _llama3_exchanges(tokenizer: Tokenizer, dialog: Dialog) -> list[Exchange]:
+    """Llama 3 messages grouped into (everything up to an open assistant header, the reply's content + eot)."""
+    special = _llama3_specials(tokenizer)
+    pairs, prompt = [], [special["<|begin_of_text|>"]]
+    for message in dialog:
+        prompt += _llama3_header(tokenizer, special, message["role"])
+        content = tokenizer.encode(message["content"].strip()) + [special["<|eot_id|>"]]
+        if message["role"] == "assistant":
+            pairs.append((prompt, content))
+            prompt = []
+        else:
+            prompt += content
+    return pairs
+
+
+def common_prefix(a: list[int], b: list[int]) -> int:
+    """The length of the longest common prefix of a and b."""
+    n = min(len(a), len(b))
+    return next((i for i in range(n) if a[i] != b[i]), n)
+
+
 def stop_ids_for(tokenizer: Tokenizer, style: str | None = None) -> frozenset[int]:
     """The ids that end an assistant reply in this chat style."""
     if _resolve_style(tokenizer, style) == "llama2":
@@ -102,15 +164,29 @@ def _resolve_style(tokenizer: Tokenizer, style: str | None) -> str:
 
 def _encode_llama2(tokenizer: Tokenizer, dialog: Dialog) -> list[int]:
     """Llama 2: each finished exchange is its own bos..eos sequence; the last user turn stays open."""
-    if dialog[0]["role"] == "system":
-        # Llama 2 has no system turn: the system prompt rides inside the first user message.
-        folded = f"<<SYS>>\n{dialog[0]['content']}\n<</SYS>>\n\n{dialog[1]['content']}"
-        dialog = [{"role": "user", "content": folded}, *dialog[2:]]
+    dialog = _fold_system(dialog)
     ids: list[int] = []
     for user, assistant in zip(dialog[::2], dialog[1::2]):
-        text = f"[INST] {user['content'].strip()} [/INST] {assistant['content'].strip()} "
-        ids += tokenizer.encode(text, bos=True, eos=True)
-    return ids + tokenizer.encode(f"[INST] {dialog[-1]['content'].strip()} [/INST]", bos=True)
+        ids += tokenizer.encode(_llama2_exchange(user, assistant), bos=True, eos=True)
+    return ids + tokenizer.encode(_llama2_open_turn(dialog[-1]), bos=True)
+
+
+def _fold_system(dialog: Dialog) -> Dialog:
+    """dialog with a leading system message folded into the first user message (Llama 2 has no system turn)."""
+    if dialog[0]["role"] != "system":
+        return dialog
+    folded = f"<<SYS>>\n{dialog[0]['content']}\n<</SYS>>\n\n{dialog[1]['content']}"
+    return [{"role": "user", "content": folded}, *dialog[2:]]
+
+
+def _llama2_open_turn(user: dict[str, Any]) -> str:
+    """A Llama 2 user turn waiting for its reply."""
+    return f"[INST] {user['content'].strip()} [/INST]"
+
+
+def _llama2_exchange(user: dict[str, Any], assistant: dict[str, Any]) -> str:
+    """A finished Llama 2 exchange (the trailing space follows Meta's reference format)."""
+    return f"{_llama2_open_turn(user)} {assistant['content'].strip()} "
 
 
 def _encode_llama3(tokenizer: Tokenizer, dialog: Dialog) -> list[int]:
