@@ -109,23 +109,28 @@ def load_sft(cfg: SFTDataConfig, tokenizer: Tokenizer) -> tuple[SFTExamples, SFT
     rows = _read(cfg.path, cfg.max_examples)
     fmt = detect_format([r for _, r in rows], cfg.messages_field, cfg.path) if cfg.format == "auto" else cfg.format
     style = _chat_style(cfg, tokenizer) if fmt == "chat" else None
-    if cfg.val_path is None:
-        train_rows, val_rows = split_rows(rows, cfg.val_fraction, cfg.path)
-    else:
-        train_rows, val_rows = rows, _read(cfg.val_path, cfg.max_examples)
-    pad_id = tokenizer.pad_id if tokenizer.pad_id >= 0 else tokenizer.eos_id
-    splits, report = {}, {"path": cfg.path, "val_path": cfg.val_path, "format": fmt, "chat_format": style,
-                          "template": ALPACA_TEMPLATE_VERSION if fmt == "alpaca" else None, "seq_len": cfg.seq_len,
-                          "truncation": cfg.truncation, "packing": cfg.packing, "rows_read": len(rows)}
-    sources = {"train": (train_rows, cfg.path), "val": (val_rows, cfg.val_path or cfg.path)}
-    for name, (split, source) in sources.items():
+    val_rows = None if cfg.val_path is None else _read(cfg.val_path, cfg.max_examples)
+    for where, row in rows + (val_rows or []):  # every row checked before any is split off, in file order
+        _check_row(where, row, fmt, cfg.messages_field)
+    train_rows, val_rows = split_rows(rows, cfg.val_fraction, cfg.path) if val_rows is None else (rows, val_rows)
+    report = {"path": cfg.path, "val_path": cfg.val_path, "format": fmt, "chat_format": style,
+              "template": ALPACA_TEMPLATE_VERSION if fmt == "alpaca" else None, "seq_len": cfg.seq_len,
+              "truncation": cfg.truncation, "packing": cfg.packing, "rows_read": len(rows)}
+    splits = {}
+    for name, split, source in (("train", train_rows, cfg.path), ("val", val_rows, cfg.val_path or cfg.path)):
         examples, stats = _encode_split(name, source, split, cfg, tokenizer, fmt, style)
-        splits[name] = SFTExamples(pack(examples, cfg.seq_len + 1) if cfg.packing else [[e] for e in examples],
-                                   pad_id, cfg.packing)
+        splits[name] = _examples(examples, cfg, tokenizer)
         stats.packed_rows = splits[name].num_samples if cfg.packing else None
         report[name] = asdict(stats)
     logger.info("fine-tuning data %s", json.dumps(report))
     return splits["train"], splits["val"], report
+
+
+def _examples(examples: list[Encoded], cfg: SFTDataConfig, tokenizer: Tokenizer) -> SFTExamples:
+    """The examples one per row, or packed several to a row when cfg.packing."""
+    pad_id = tokenizer.pad_id if tokenizer.pad_id >= 0 else tokenizer.eos_id
+    rows = pack(examples, cfg.seq_len + 1) if cfg.packing else [[example] for example in examples]
+    return SFTExamples(rows, pad_id, cfg.packing)
 
 
 def _check_config(cfg: SFTDataConfig) -> None:
@@ -187,8 +192,8 @@ def _encode_split(name: str, source: str, rows: list[tuple[str, dict]], cfg: SFT
                   fmt: str, style: str | None) -> tuple[list[Encoded], SplitReport]:
     """The split's rows tokenized and fitted to seq_len, and the counts of what happened to them."""
     examples, stats = [], SplitReport(rows=len(rows))
-    for where, row in tqdm(rows, desc=f"tokenizing {name}", unit="example", disable=None, leave=False):
-        example, outcome = fit(_encode_row(where, row, cfg, tokenizer, fmt, style), cfg.seq_len, cfg.truncation)
+    for _, row in tqdm(rows, desc=f"tokenizing {name}", unit="example", disable=None, leave=False):
+        example, outcome = fit(_encode_row(row, cfg, tokenizer, fmt, style), cfg.seq_len, cfg.truncation)
         stats.truncated += outcome == "truncated"
         stats.dropped_too_long += outcome == "too_long"
         stats.dropped_no_target += outcome == "no_target"
@@ -206,11 +211,16 @@ def _encode_split(name: str, source: str, rows: list[tuple[str, dict]], cfg: SFT
     return examples, stats
 
 
-def _encode_row(where: str, row: dict, cfg: SFTDataConfig, tokenizer: Tokenizer, fmt: str,
-                style: str | None) -> Encoded:
-    """One checked row tokenized in its format."""
+def _check_row(where: str, row: dict, fmt: str, messages_field: str) -> None:
+    """DataError naming the row unless it has the fields its format needs."""
     if fmt == "alpaca":
         check_alpaca_row(where, row)
-        return encode_alpaca(tokenizer, row)
-    return encode_chat(tokenizer, check_chat_row(where, row, cfg.messages_field), style)
+    else:
+        check_chat_row(where, row, messages_field)
 
+
+def _encode_row(row: dict, cfg: SFTDataConfig, tokenizer: Tokenizer, fmt: str, style: str | None) -> Encoded:
+    """One checked row tokenized in its format."""
+    if fmt == "alpaca":
+        return encode_alpaca(tokenizer, row)
+    return encode_chat(tokenizer, row[cfg.messages_field], style)

@@ -16,6 +16,7 @@ from llamakit.data.sft import (
     load_sft,
     render_alpaca,
 )
+from llamakit.data.sft_examples import Encoded, SFTExamples, fit, pack
 from llamakit.errors import DataError
 from llamakit.tokenizer import load_tokenizer
 from llamakit.tokenizer.chat import encode_dialog, stop_ids_for
@@ -229,6 +230,23 @@ def test_packing_keeps_examples_whole_and_apart(tokenizer, tmp_path):
     # Packing moves targets between rows but neither adds nor loses any.
     all_unpacked = unpacked.batch(range(unpacked.num_samples))["labels"]
     assert (batch["labels"] != IGNORE_INDEX).sum() == (all_unpacked != IGNORE_INDEX).sum()
+
+
+def test_fit_and_pack_edges():
+    def example(n, targets):
+        return Encoded(list(range(1, n + 1)), [False] * (n - targets) + [True] * targets)
+
+    exact, long, prompt_only = example(5, 2), example(6, 2), example(6, 1)
+    assert fit(exact, 4, "truncate") == (exact, "kept")  # seq_len + 1 ids: seq_len (input, label) pairs
+    assert fit(long, 4, "truncate") == (Encoded([1, 2, 3, 4, 5], [False] * 4 + [True]), "truncated")
+    assert fit(prompt_only, 4, "truncate") == (None, "no_target")
+    assert fit(long, 4, "drop") == (None, "too_long")
+    sizes = [[len(e.input_ids) for e in row] for row in pack([example(n, 1) for n in (3, 3, 3, 5, 6, 1)], 6)]
+    assert sizes == [[3, 3], [3], [5], [6], [1]]  # in order, never split, never over capacity
+    batch = SFTExamples([[example(3, 1), example(2, 1)]], pad_id=0, packed=True).batch([0])
+    assert batch["input_ids"].tolist() == [[1, 2, 3, 1]]
+    assert batch["labels"].tolist() == [[IGNORE_INDEX, 3, IGNORE_INDEX, 2]]
+    assert batch["segment_ids"].tolist() == [[0, 0, 0, 1]]
 
 
 def test_split_is_deterministic_and_order_free(tokenizer, tmp_path):
