@@ -149,10 +149,13 @@ class Row:
 
 
 def start_llamakit(config: ModelConfig, batches, args, device, compile: bool, precision: str,
-                   objective=None, optimizer_fn: Callable | None = None, whole_model: bool = False) -> Row:
-    """llamakit's real loop, continued one step at a time; the seconds are the loop's own (from its tokens/s)."""
+                   objective=None, optimizer_fn: Callable | None = None, whole_model: bool = False,
+                   model: torch.nn.Module | None = None) -> Row:
+    """llamakit's real loop, continued one step at a time; the seconds are the loop's own (from its tokens/s).
+    `model`: train this one (e.g. loaded, with LoRA applied) instead of a fresh build_ours(config)."""
     procs = init_processes(str(device))
-    model = parallelize(build_ours(config, device), TrainSection(compile=compile and not whole_model), procs)
+    model = model if model is not None else build_ours(config, device)
+    model = parallelize(model, TrainSection(compile=compile and not whole_model), procs)
     if whole_model:
         model.compile()
     optimizer = (optimizer_fn or build_optimizer)(model, OPTIM)
@@ -175,11 +178,15 @@ def start_llamakit(config: ModelConfig, batches, args, device, compile: bool, pr
     return row
 
 
-def start_transformers(config: ModelConfig, batches, args, device, compile: bool, precision: str) -> Row:
-    """forward(labels) -> backward -> clip -> AdamW step -> zero_grad, timed like llamakit's loop."""
-    theirs = build_theirs(config, device)
+def start_transformers(config: ModelConfig, batches, args, device, compile: bool, precision: str,
+                       theirs=None) -> Row:
+    """forward(labels) -> backward -> clip -> AdamW step -> zero_grad, timed like llamakit's loop.
+    `theirs`: train this model (e.g. loaded, or wrapped by peft) instead of a fresh build_theirs(config);
+    only its parameters that require grad go to the optimizer."""
+    theirs = theirs if theirs is not None else build_theirs(config, device)
     model = torch.compile(theirs) if compile else theirs
-    optimizer = torch.optim.AdamW(theirs.parameters(), lr=OPTIM.lr, betas=OPTIM.betas, eps=OPTIM.eps,
+    trainable = [p for p in theirs.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=OPTIM.lr, betas=OPTIM.betas, eps=OPTIM.eps,
                                   weight_decay=OPTIM.weight_decay)
     autocast = torch.autocast(device.type, torch.bfloat16) if precision == "bf16" else contextlib.nullcontext()
     steps = itertools.count()
@@ -190,13 +197,13 @@ def start_transformers(config: ModelConfig, batches, args, device, compile: bool
         with autocast:
             loss = hf_loss(model, batch)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(theirs.parameters(), OPTIM.grad_clip)
+        torch.nn.utils.clip_grad_norm_(trainable, OPTIM.grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         loss = loss.item()  # waits for the device, as llamakit's loop does when it reads the loss
         return time.perf_counter() - start, loss
 
-    row = Row(step)
+    row = Row(step, model=theirs, optimizer=optimizer)
     for _ in range(args.warmup):
         row.step()
     return row
