@@ -60,6 +60,11 @@ class MethodSection:
 
 
 @dataclass
+class FinetuneCheckpoints(CheckpointSection):
+    out_dir: str = "runs/finetune"
+
+
+@dataclass
 class FinetuneConfig:
     command: ClassVar[str] = "finetune"
     model: BaseModelSection = field(default_factory=BaseModelSection)
@@ -68,7 +73,7 @@ class FinetuneConfig:
     optim: OptimSection = field(default_factory=OptimSection)
     train: TrainSection = field(default_factory=TrainSection)
     eval: EvalSection = field(default_factory=EvalSection)
-    checkpoint: CheckpointSection = field(default_factory=lambda: CheckpointSection(out_dir="runs/finetune"))
+    checkpoint: FinetuneCheckpoints = field(default_factory=FinetuneCheckpoints)
     log: LogSection = field(default_factory=LogSection)
 
     def __post_init__(self) -> None:

@@ -41,7 +41,7 @@ def peak_flops(device: torch.device, dtype: torch.dtype, configured_tflops: floa
 
 def _measured_matmul_flops(device: torch.device, dtype: torch.dtype, n: int = 2048, repeats: int = 6) -> float:
     """The best of a few large square matmuls: what this device's math library reaches at best."""
-    a = torch.randn(n, n, device=device, dtype=dtype)
+    a = torch.ones(n, n, device=device, dtype=dtype)  # values do not matter; randn would move the training RNG
     a @ a  # warm-up: thread pools, kernels
     best = float("inf")
     for _ in range(repeats):
