@@ -26,9 +26,11 @@ def finetune(args: argparse.Namespace) -> None:
     final, out = _train(args, FinetuneConfig, run)
     if final is None:
         return
+    base = args.cfg.model
+    tokenizer = f" --tokenizer {base.tokenizer}" if base.tokenizer else ""
     if (final / "adapter_config.json").is_file():
-        print(f"adapter: {final}\n{_outputs(out)}\ntry: llamakit chat --checkpoint {args.cfg.model.path} --adapter "
-              f"{final}\nor fold a LoRA adapter into the base: llamakit merge --base {args.cfg.model.path} "
+        print(f"adapter: {final}\n{_outputs(out)}\ntry: llamakit chat --checkpoint {base.path}{tokenizer} --adapter "
+              f"{final}\nor fold a LoRA adapter into the base: llamakit merge --base {base.path}{tokenizer} "
               f"--adapter {final} --output {out / 'merged'}")
     else:
         print(f"final model: {final}\n{_outputs(out)}\ntry: llamakit chat --checkpoint {final}")

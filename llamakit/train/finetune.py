@@ -96,8 +96,7 @@ def finetune(cfg: FinetuneConfig, resume: bool = False) -> Path:
 
 def _run(cfg: FinetuneConfig, resume: bool, procs: Processes) -> Path:
     tokenizer = _tokenizer(cfg.model)
-    train_set, val_set, report = load_sft(cfg.data, tokenizer)
-    log.info("data: %s", ", ".join(f"{k} {v}" for k, v in report.items()))
+    train_set, val_set, _ = load_sft(cfg.data, tokenizer)  # logs its report: examples, truncated, dropped
     model = load_model(cfg.model.path, dtype=cfg.model.dtype, device=procs.device)
     check_vocab(tokenizer, model.config.vocab_size, str(cfg.model.path))
     if cfg.data.seq_len > model.config.max_seq_len:

@@ -56,7 +56,8 @@ def _measured_matmul_flops(device: torch.device, dtype: torch.dtype, n: int = 20
 class MetricsLog:
     """Rank 0's record of a run; other processes get a silent instance."""
 
-    def __init__(self, out_dir: Path, enabled: bool, start_step: int, max_steps: int, tensorboard: bool):
+    def __init__(self, out_dir: Path, enabled: bool, start_step: int, max_steps: int, tensorboard: bool,
+                 name: str = "train"):
         self.enabled, self.path = enabled, out_dir / "metrics.jsonl"
         self.tb = self.bar = None
         if not enabled:
@@ -67,7 +68,7 @@ class MetricsLog:
             from torch.utils.tensorboard import SummaryWriter
 
             self.tb = SummaryWriter(str(out_dir / "tensorboard"), purge_step=start_step + 1)
-        self.bar = tqdm(total=max_steps, initial=start_step, desc="pretrain", unit="step", dynamic_ncols=True)
+        self.bar = tqdm(total=max_steps, initial=start_step, desc=name, unit="step", dynamic_ncols=True)
 
     def record(self, step: int, values: dict[str, float], show: bool = False) -> None:
         """Append one step's values to metrics.jsonl and TensorBoard; refresh the bar when `show`."""

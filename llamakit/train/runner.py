@@ -73,7 +73,7 @@ def run_training(cfg, job: Job, procs: Processes, resume: bool) -> Path:
         eval_every=cfg.eval.every, save_every=cfg.checkpoint.every, log_every=cfg.log.every,
         world_size=procs.world_size, flops_per_token=job.flops_per_token,
         peak_flops=peak_flops(procs.device, resolve_dtype(cfg.train.precision), cfg.log.peak_tflops))
-    metrics = MetricsLog(out_dir, procs.is_main, state.step, cfg.train.max_steps, cfg.log.tensorboard)
+    metrics = MetricsLog(out_dir, procs.is_main, state.step, cfg.train.max_steps, cfg.log.tensorboard, cfg.command)
     try:
         schedule = functools.partial(lr_at, cfg=cfg.optim, max_steps=cfg.train.max_steps)
         train(model, job.objective, optimizer, schedule, job.data, settings, state, checkpointer, metrics, scaler)
