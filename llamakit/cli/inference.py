@@ -56,7 +56,8 @@ def chat(args: argparse.Namespace) -> None:
     model, tokenizer, params, generator = _load_for_generation(args)
     session = ChatSession(model, tokenizer, max_seq_len=_max_seq_len(args, model), max_new_tokens=args.max_new_tokens,
                           params=params, system=args.system, style=args.chat_format, generator=generator)
-    print(f"chatting with {args.checkpoint} ({session.style} format). {CHAT_HELP}")
+    adapter = f" + adapter {args.adapter}" if args.adapter else ""
+    print(f"chatting with {args.checkpoint}{adapter} ({session.style} format). {CHAT_HELP}")
     while True:
         try:
             text = input("\n>>> ")

@@ -74,10 +74,16 @@ def test_adapter_runs_save_only_the_adapter(finetuned):
     assert len(optimizer["state"]) == expected  # AdamW moments for the adapter's tensors and nothing else
 
 
-def test_the_finetuned_model_answers_through_generate_and_chat(finetuned, capsys):
+def _model_args(method: str, run: Path) -> list[str]:
+    """A full fine-tune is a model folder; an adapter goes on top of the base."""
+    if method == "full":
+        return ["--checkpoint", str(run / "final")]
+    return ["--checkpoint", str(BASE), "--tokenizer", str(TOKENIZER), "--adapter", str(run / "final")]
+
+
+def test_the_finetuned_model_answers_through_generate_and_the_api(finetuned, capsys):
     method, run = finetuned
-    model = ["--checkpoint", str(run / "final")] if method == "full" else \
-        ["--checkpoint", str(BASE), "--tokenizer", str(TOKENIZER), "--adapter", str(run / "final")]
+    model = _model_args(method, run)
     capsys.readouterr()
     assert main(["generate", *model, "--temperature", "0", "--max-new-tokens", "24", PROMPT]) == 0
     answer = capsys.readouterr().out.strip()
@@ -91,16 +97,14 @@ def test_the_finetuned_model_answers_through_generate_and_chat(finetuned, capsys
     assert answer.startswith(out[0]["generation"].strip()[:10])
 
 
-def test_chat_with_an_adapter(finetuned, monkeypatch, capsys):
-    method, run = finetuned
-    if method != "lora":
-        pytest.skip("one method is enough for the chat command (generate covers all four)")
+def test_the_finetuned_model_chats(finetuned, monkeypatch, capsys):
     import io
 
+    method, run = finetuned
     monkeypatch.setattr("sys.stdin", io.StringIO("Name three colors.\n/exit\n"))
-    assert main(["chat", "--checkpoint", str(BASE), "--tokenizer", str(TOKENIZER), "--adapter", str(run / "final"),
-                 "--temperature", "0", "--max-new-tokens", "16"]) == 0
-    assert capsys.readouterr().out.strip()
+    assert main(["chat", *_model_args(method, run), "--temperature", "0", "--max-new-tokens", "16"]) == 0
+    banner, reply, _ = capsys.readouterr().out.split(">>> ")
+    assert ("+ adapter" in banner) == (method != "full") and reply.strip()
 
 
 def _command(*args: str) -> list[str]:
