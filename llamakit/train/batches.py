@@ -87,7 +87,14 @@ class StepBatches:
 
 def eval_batches(samples: Samples, num_batches: int, micro_batch_size: int, rank: int = 0,
                  world_size: int = 1) -> list[dict[str, torch.Tensor]]:
-    """The same validation samples at every evaluation: the first ones in order, split over processes."""
+    """The same validation samples at every evaluation: the first ones in order, split over processes.
+
+    Every process gets as many samples (so as many forward passes: FSDP needs them all to take part).
+    """
     total = min(samples.num_samples, num_batches * micro_batch_size)
+    total -= total % world_size
+    if total == 0:
+        raise DataError(f"the validation split holds {samples.num_samples} sample(s), fewer than the {world_size} "
+                        "processes; give it more examples (a larger val fraction, or a validation file)")
     mine = list(range(rank, total, world_size))
     return [samples.batch(mine[i:i + micro_batch_size]) for i in range(0, len(mine), micro_batch_size)]

@@ -88,7 +88,7 @@ def parallelize(model: nn.Module, cfg: TrainSection, procs: Processes) -> nn.Mod
             block.compile()
     if procs.world_size == 1:
         return model
-    if _data_parallel_kind(cfg, procs) == "fsdp":
+    if _data_parallel_kind(cfg, model) == "fsdp":
         from torch.distributed.fsdp import fully_shard
 
         for block in model.layers:
@@ -100,7 +100,13 @@ def parallelize(model: nn.Module, cfg: TrainSection, procs: Processes) -> nn.Mod
     return DistributedDataParallel(model, device_ids=[procs.device.index] if procs.device.type == "cuda" else None)
 
 
-def _data_parallel_kind(cfg: TrainSection, procs: Processes) -> str:
+def _data_parallel_kind(cfg: TrainSection, model: nn.Module) -> str:
+    # Prompt tuning runs the soft prompt through every block before the root's forward, which FSDP's
+    # per-block gathering does not allow; its few trainable parameters gain nothing from sharding anyway.
+    if hasattr(model, "soft_prompt"):
+        if cfg.parallel == "fsdp":
+            raise ConfigError("prompt tuning runs with DDP: set train.parallel to ddp or auto")
+        return "ddp"
     if cfg.parallel in ("fsdp", "auto"):
         try:
             from torch.distributed.fsdp import fully_shard  # noqa: F401

@@ -167,3 +167,19 @@ def test_bad_inputs_fail_in_one_line(shared, tmp_path, capsys):
         assert main(argv) == 1, argv
         err = capsys.readouterr().err
         assert message in err and err.count("\n") == 1, err
+
+
+@pytest.mark.parametrize("method", ["lora", "prompt"])  # FSDP2 over a frozen base; DDP (prompt tuning)
+def test_two_processes_give_the_losses_of_one(shared, tmp_path, method):
+    args = ["--method.name", method, "--method.lora.dropout", "0", "--data.max_examples", "200", "--train.max_steps",
+            "4", "--eval.every", "2", "--eval.batches", "1", "--checkpoint.every", "0"]  # 4 val examples
+    one, two = tmp_path / "one", tmp_path / "two"
+    subprocess.run(_command(*args, "--checkpoint.out_dir", str(one)), env=ENV, check=True, capture_output=True)
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29534",
+                *_command(*args, "--checkpoint.out_dir", str(two))[1:]]
+    done = subprocess.run(torchrun, env=ENV, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    for key in ("loss", "val_loss"):
+        a, b = _records(one, key), _records(two, key)
+        assert a.keys() == b.keys() and all(abs(a[s] - b[s]) < 1e-5 * max(1, abs(a[s])) for s in a), (a, b)
+    assert (two / "final" / "adapter_model.safetensors").is_file()

@@ -114,4 +114,7 @@ def test_a_step_holds_the_same_samples_whatever_the_process_count(world_size):
     assert torch.equal(torch.cat([b["input_ids"] for p in parts for b in p]), reference)
     val = [eval_batches(windows, 3, 2, rank, world_size) for rank in range(world_size)]
     seen = sorted(int(row[0]) // 64 for part in val for b in part for row in b["input_ids"])
-    assert seen == list(range(6))
+    assert seen == list(range(6 - 6 % world_size))  # the first samples, as many on every process
+    assert len({sum(len(b["input_ids"]) for b in part) for part in val}) == 1
+    with pytest.raises(DataError, match="fewer than the 8 processes"):
+        eval_batches(PackedWindows(Stream(64 * 5 + 1), seq_len=64), 3, 2, 0, 8)
