@@ -19,12 +19,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import tempfile
-import time
 from pathlib import Path
 
 import torch
+
+# benchmarks/ is sys.path[0] when this runs as a script
+from decode import median_seconds
 
 from llamakit import ModelConfig, Transformer, load_checkpoint, load_tokenizer, save_model
 from llamakit.eval import score_examples, score_pairs
@@ -32,16 +33,6 @@ from llamakit.eval.multiple_choice import encode_choices
 from llamakit.eval.tasks import load_hellaswag
 
 ASSETS = Path(os.environ.get("LLAMAKIT_SHARED_ASSETS", Path(__file__).resolve().parents[2] / "shared" / "assets"))
-
-
-def median_seconds(fn, repeats: int) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def build(name: str, assets: Path, folder: Path):

@@ -111,9 +111,6 @@ class PretrainConfig:
     def __post_init__(self) -> None:
         check(self)
 
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
 
 def check(cfg) -> None:
     """Values a user can get wrong, named with their section, e.g. train.batch_size (any run config)."""
@@ -198,7 +195,7 @@ def dump_yaml(cfg) -> str:
     """The resolved config as YAML, loadable again with parse_config."""
     import yaml
 
-    return yaml.safe_dump(json_ready(cfg.to_dict()), sort_keys=False)
+    return yaml.safe_dump(json_ready(dataclasses.asdict(cfg)), sort_keys=False)
 
 
 def json_ready(value):

@@ -6,7 +6,6 @@ weights and which parameters train differ. Methods: full fine-tuning, LoRA, pref
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -83,9 +82,6 @@ class FinetuneConfig:
         if self.method.name == "full" and self.model.dtype != "fp32":
             raise ConfigError(f"model.dtype={self.model.dtype}: full fine-tuning keeps fp32 master weights; use "
                               "train.precision bf16 for bf16 compute (or an adapter method for a bf16 base)")
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
 
 
 def finetune(cfg: FinetuneConfig, resume: bool = False) -> Path:
