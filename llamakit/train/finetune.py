@@ -20,21 +20,18 @@ from llamakit.model import Transformer
 from llamakit.model.lora import LoRAConfig, apply_lora
 from llamakit.model.prefix import PrefixConfig, apply_prefix_tuning, apply_prompt_tuning
 from llamakit.tokenizer import check_vocab, load_tokenizer
-from llamakit.train.batches import StepBatches, eval_batches
 from llamakit.train.config import (
     CheckpointSection,
     EvalSection,
     LogSection,
     OptimSection,
     TrainSection,
-    accumulation_steps,
     check,
 )
-from llamakit.train.loop import LoopData
 from llamakit.train.metrics import flops_per_token
 from llamakit.train.objectives import NextTokenLoss
 from llamakit.train.parallel import Processes
-from llamakit.train.runner import Job, processes, run_training
+from llamakit.train.runner import Job, loop_data, processes, run_training
 
 log = logging.getLogger(__name__)
 METHODS = ("full", "lora", "prefix", "prompt")
@@ -105,7 +102,7 @@ def _run(cfg: FinetuneConfig, resume: bool, procs: Processes) -> Path:
              100 * trainable / model.num_params(), model.num_params())
     # Frozen weights need no weight gradients: the backward pass costs 2N instead of 4N FLOPs per token.
     flops = flops_per_token(model.config, cfg.data.seq_len) * (1 if adapter is None else 4 / 6)
-    job = Job(model.train(), NextTokenLoss(), _loop_data(cfg, train_set, val_set, procs), tokenizer, flops,
+    job = Job(model.train(), NextTokenLoss(), loop_data(cfg, train_set, val_set, procs), tokenizer, flops,
               adapter=adapter, base=str(cfg.model.path))
     return run_training(cfg, job, procs, resume)
 
@@ -127,10 +124,3 @@ def _tokenizer(section: BaseModelSection):
     if path is None:
         raise ConfigError(f"{section.path}: no tokenizer.model beside the base model; set model.tokenizer")
     return load_tokenizer(path)
-
-
-def _loop_data(cfg: FinetuneConfig, train_set, val_set, procs: Processes) -> LoopData:
-    micro = cfg.train.micro_batch_size
-    accumulation_steps(cfg.train, procs.world_size)  # fails early if the global batch does not split evenly
-    steps = StepBatches(train_set, cfg.train.batch_size, micro, procs.rank, procs.world_size, cfg.train.seed)
-    return LoopData(steps.train_step, eval_batches(val_set, cfg.eval.batches, micro, procs.rank, procs.world_size))

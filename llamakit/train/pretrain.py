@@ -12,13 +12,13 @@ from llamakit.data import TokenShards
 from llamakit.errors import ConfigError
 from llamakit.model import Transformer
 from llamakit.tokenizer import check_vocab, load_tokenizer
-from llamakit.train.batches import PackedWindows, StepBatches, eval_batches
-from llamakit.train.config import PretrainConfig, accumulation_steps, model_config
+from llamakit.train.batches import PackedWindows
+from llamakit.train.config import PretrainConfig, model_config
 from llamakit.train.loop import LoopData
 from llamakit.train.metrics import flops_per_token
 from llamakit.train.objectives import NextTokenLoss
 from llamakit.train.parallel import Processes
-from llamakit.train.runner import Job, processes, run_training
+from llamakit.train.runner import Job, loop_data, processes, run_training
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +35,7 @@ def _run(cfg: PretrainConfig, resume: bool, procs: Processes) -> Path:
     shards.check_tokenizer(tokenizer)
     model = _build_model(cfg, shards.vocab_size, procs)
     check_vocab(tokenizer, model.config.vocab_size, "model.vocab_size")
-    return run_training(cfg, Job(model, NextTokenLoss(), _loop_data(cfg, shards, procs), tokenizer,
+    return run_training(cfg, Job(model, NextTokenLoss(), _data(cfg, shards, procs), tokenizer,
                                  flops_per_token(model.config, cfg.data.seq_len)), procs, resume)
 
 
@@ -52,10 +52,6 @@ def _build_model(cfg: PretrainConfig, data_vocab: int, procs: Processes) -> Tran
     return model.to(procs.device)
 
 
-def _loop_data(cfg: PretrainConfig, shards: TokenShards, procs: Processes) -> LoopData:
-    micro = cfg.train.micro_batch_size
-    accumulation_steps(cfg.train, procs.world_size)  # fails early if the global batch does not split evenly
-    windows = PackedWindows(shards, cfg.data.seq_len)
-    steps = StepBatches(windows, cfg.train.batch_size, micro, procs.rank, procs.world_size, cfg.train.seed)
+def _data(cfg: PretrainConfig, shards: TokenShards, procs: Processes) -> LoopData:
     val = PackedWindows(TokenShards(cfg.data.path, "val"), cfg.data.seq_len, split="val")
-    return LoopData(steps.train_step, eval_batches(val, cfg.eval.batches, micro, procs.rank, procs.world_size))
+    return loop_data(cfg, PackedWindows(shards, cfg.data.seq_len), val, procs)

@@ -15,7 +15,8 @@ from torch import nn
 from llamakit.errors import ConfigError
 from llamakit.model import resolve_dtype
 from llamakit.tokenizer import Tokenizer
-from llamakit.train.config import dump_yaml
+from llamakit.train.batches import Samples, StepBatches, eval_batches
+from llamakit.train.config import accumulation_steps, dump_yaml
 from llamakit.train.loop import LoopData, LoopSettings, train
 from llamakit.train.metrics import MetricsLog, peak_flops, plot_losses
 from llamakit.train.optim import build_optimizer, lr_at
@@ -83,6 +84,14 @@ def run_training(cfg, job: Job, procs: Processes, resume: bool) -> Path:
     if procs.is_main and cfg.log.plot:
         plot_losses(out_dir / "metrics.jsonl", out_dir / "loss.png")
     return final
+
+
+def loop_data(cfg, train_set: Samples, val_set: Samples, procs: Processes) -> LoopData:
+    """This process's micro-batches of each step, and its share of the validation set."""
+    micro = cfg.train.micro_batch_size
+    accumulation_steps(cfg.train, procs.world_size)  # fails early if the global batch does not split evenly
+    steps = StepBatches(train_set, cfg.train.batch_size, micro, procs.rank, procs.world_size, cfg.train.seed)
+    return LoopData(steps.train_step, eval_batches(val_set, cfg.eval.batches, micro, procs.rank, procs.world_size))
 
 
 def check_run_folder(cfg, out_dir: Path, latest: Path | None, resume: bool) -> Path | None:
