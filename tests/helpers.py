@@ -30,3 +30,18 @@ def hf_logits(model, tokens: torch.Tensor) -> torch.Tensor:
 
 def random_tokens(vocab_size: int, batch: int = 2, length: int = 24, seed: int = 1) -> torch.Tensor:
     return torch.randint(0, vocab_size, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+def kill_when_exists(command: list[str], marker, env: dict, timeout: float = 120) -> None:
+    """Run command and SIGKILL it as soon as the path `marker` appears (it must still be running then)."""
+    import signal
+    import subprocess
+    import time
+
+    proc = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + timeout
+    while not marker.exists() and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.01)
+    assert proc.poll() is None, "the run ended before it could be killed mid-way"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()

@@ -2,10 +2,8 @@
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -13,6 +11,7 @@ import torch
 
 from llamakit.cli import main
 from tests.conftest import SHARED_ASSETS
+from tests.helpers import kill_when_exists
 
 REPO = Path(__file__).resolve().parents[2]
 TINY = REPO / "configs" / "finetune" / "tiny-lora.yaml"
@@ -117,14 +116,7 @@ def test_a_killed_lora_run_resumes_with_identical_losses(shared, tmp_path):
     subprocess.run(_command(*steps, "--checkpoint.out_dir", str(whole)), env=ENV, check=True, capture_output=True)
 
     broken = tmp_path / "broken"
-    proc = subprocess.Popen(_command(*steps, "--checkpoint.out_dir", str(broken)), env=ENV,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 120
-    while not (broken / "step-8").exists() and time.monotonic() < deadline and proc.poll() is None:
-        time.sleep(0.01)
-    assert proc.poll() is None, "the run ended before it could be killed mid-way"
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    kill_when_exists(_command(*steps, "--checkpoint.out_dir", str(broken)), broken / "step-8", ENV)
     assert 8 <= max(_records(broken, "loss")) < 24 and not (broken / "final").exists()
 
     resumed = subprocess.run(_command(*steps, "--checkpoint.out_dir", str(broken), "--resume"), env=ENV,

@@ -2,10 +2,8 @@
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -15,6 +13,7 @@ from llamakit.data import PrepareConfig, prepare
 from llamakit.tokenizer.train import train_tokenizer
 from tests.conftest import SHARED_ASSETS
 from tests.data.corpus import prose
+from tests.helpers import kill_when_exists
 
 REPO = Path(__file__).resolve().parents[2]
 TINY = REPO / "configs" / "pretrain" / "tiny.yaml"
@@ -83,14 +82,7 @@ def test_a_run_killed_with_sigkill_resumes_with_bitwise_identical_losses(prepare
                    capture_output=True)
 
     broken = tmp_path / "broken"
-    proc = subprocess.Popen(_command(*SMALL, *steps, "--checkpoint.out_dir", str(broken)), env=ENV,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 120
-    while not (broken / "step-10").exists() and time.monotonic() < deadline and proc.poll() is None:
-        time.sleep(0.01)
-    assert proc.poll() is None, "the run ended before it could be killed mid-way"
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    kill_when_exists(_command(*SMALL, *steps, "--checkpoint.out_dir", str(broken)), broken / "step-10", ENV)
     assert not (broken / "final").exists()
     killed_at = max(_losses(broken))
     assert 10 <= killed_at < 40
