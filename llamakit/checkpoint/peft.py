@@ -213,7 +213,8 @@ def read_adapter_weights(folder: str | Path, model: Transformer) -> dict[str, to
     """The adapter tensors in folder under our names, checked against the adapter model already carries."""
     folder = Path(folder)
     state, _ = _read_weights(folder)
-    expected = to_peft(adapter_params(model), model)
+    # Plain tensors of the global shapes: the parameters may be FSDP shards on another device.
+    expected = to_peft({k: torch.zeros(v.shape) for k, v in adapter_params(model).items()}, model)
     missing, unexpected = sorted(expected.keys() - state.keys()), sorted(state.keys() - expected.keys())
     if missing or unexpected:
         raise CheckpointError(f"{folder}: adapter tensors do not match this model (missing {missing[:3]}, "
