@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 
 from llamakit.cli.argtypes import positive_int
-from llamakit.cli.inference import _add_model_options
+from llamakit.cli.inference import add_model_options
 from llamakit.errors import LlamakitError
 
 
@@ -85,7 +85,7 @@ def _load(args: argparse.Namespace):
 
 
 def add_eval(p: argparse.ArgumentParser) -> None:
-    _add_model_options(p)
+    add_model_options(p)
     p.add_argument("--tasks", help="comma-separated: hellaswag, piqa, siqa, arc_easy, arc_challenge, openbookqa, "
                    "boolq, winogrande, mmlu, nq, triviaqa, perplexity")
     p.add_argument("--data", action="append", default=[], metavar="TASK=PATH",

@@ -131,7 +131,7 @@ def _budget(max_new_tokens: int, window: int, prompt_len: int, index: int) -> in
     return min(max_new_tokens, window - prompt_len)
 
 
-def _add_model_options(p: argparse.ArgumentParser) -> None:
+def add_model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint", required=True, help="checkpoint folder (any format) or llama2.c .bin file")
     p.add_argument("--tokenizer", help="tokenizer file (default: the one in the checkpoint folder)")
     p.add_argument("--adapter", help="a fine-tuned LoRA/prefix/prompt adapter folder (PEFT format) to apply on top")
@@ -154,14 +154,14 @@ def _add_sampling_options(p: argparse.ArgumentParser, max_new_tokens: int) -> No
 def add_generate(p: argparse.ArgumentParser) -> None:
     p.add_argument("prompts", nargs="+", metavar="PROMPT", help="text to continue ('-' reads stdin); several run "
                    "as one batch")
-    _add_model_options(p)
+    add_model_options(p)
     _add_sampling_options(p, max_new_tokens=256)
     p.add_argument("--stop", action="append", default=[], metavar="TEXT", help="stop before this text (repeatable)")
     p.add_argument("--stats", action="store_true", help="print the time taken to stderr")
 
 
 def add_chat(p: argparse.ArgumentParser) -> None:
-    _add_model_options(p)
+    add_model_options(p)
     _add_sampling_options(p, max_new_tokens=512)
     p.add_argument("--system", help="system prompt for the whole conversation")
     p.add_argument("--chat-format", choices=["llama2", "llama3"],
