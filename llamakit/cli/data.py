@@ -102,7 +102,8 @@ def add_prepare(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tokenizer", required=True, help="tokenizer file (or a checkpoint folder holding tokenizer.model)")
     p.add_argument("--output", type=Path, required=True, help="folder for the shards and meta.json")
     p.add_argument("--val-fraction", type=float, default=config["val_fraction"],
-                   help=f"share of documents held out for validation (default {config['val_fraction']})")
+                   help=f"share of documents held out for validation, above 0: pretraining measures validation loss "
+                   f"(default {config['val_fraction']})")
     p.add_argument("--workers", type=positive_int, help="processes for filtering and tokenizing (default: all CPUs)")
     p.add_argument("--shard-tokens", type=positive_int, default=config["shard_tokens"],
                    help=f"tokens per shard file (default {config['shard_tokens']:,})")

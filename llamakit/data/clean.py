@@ -1,9 +1,10 @@
 """Cleaning: text normalisation, removal of boilerplate lines, heuristic quality and language filters.
 
 Boilerplate follows CCNet (Wenzek et al., 2019): a line that recurs across many documents (menus,
-cookie notices, licence footers) is dropped everywhere. Quality filters follow Gopher (Rae et al.,
-2021, appendix A) and C4 (Raffel et al., 2019), with defaults loose enough to keep normal prose and
-source code: they remove fragments, symbol soup and text that repeats itself.
+cookie notices, licence footers) is dropped everywhere. Copies of one document count once (else 50
+copies of a file would lose every line before dedup could keep one of them). Quality filters follow
+Gopher (Rae et al., 2021, appendix A) and C4 (Raffel et al., 2019), with defaults loose enough to keep
+normal prose and source code: they remove fragments, symbol soup and text that repeats itself.
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ import unicodedata
 from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass
+
+from llamakit.data.dedup import exact_key
 
 # C0 control characters other than tab and newline, and DEL: noise from binary or terminal output.
 _CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")
@@ -48,9 +51,13 @@ def _line_hash(key: str) -> bytes:
 
 
 def count_lines(docs: Iterable[str], min_chars: int) -> Counter[bytes]:
-    """Pass 1: in how many distinct documents each line (by the hash of its key) occurs."""
+    """Pass 1: in how many distinct documents (as exact dedup tells them) each line (by the hash of its key) occurs."""
     counts: Counter[bytes] = Counter()
+    seen: set[bytes] = set()
     for doc in docs:
+        if (doc_key := exact_key(doc)) in seen:
+            continue
+        seen.add(doc_key)
         counts.update({_line_hash(key) for key in map(line_key, doc.split("\n")) if len(key) >= min_chars})
     return counts
 

@@ -4,19 +4,23 @@ Stages, in order: read -> normalise -> drop boilerplate lines -> quality/languag
 exact dedup -> near dedup -> train/val split -> tokenise (worker processes) -> shards -> meta.json.
 The cleaned corpus is held in memory between stages (dedup compares every document with all
 earlier ones); only the token ids are streamed to disk. Every stage keeps corpus order, so the
-output is the same whatever the number of workers.
+output is the same whatever the number of workers. The new folder is built beside the output
+(`.NAME.tmp-PID`) and renamed into place when complete, so an earlier result survives until then.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import glob
 import hashlib
 import itertools
 import logging
 import multiprocessing
 import os
 import re
+import shutil
+import signal
 from collections.abc import Callable, Iterator
 from functools import partial
 from pathlib import Path
@@ -71,17 +75,19 @@ def prepare(config: PrepareConfig) -> dict[str, Any]:
     identity = {"settings": settings_of(config), "inputs": input_fingerprint(files),
                 "tokenizer_sha256": shards.file_sha256(tokenizer.path)}
     existing = _prepared_meta(output)
-    if existing is not None and not config.force:
+    if existing is not None and not config.force:  # decided from meta.json and a listing: nothing is read
         _check_same(output, existing, identity)
+        _check_intact(output, existing)
         logger.info("%s is already prepared with these inputs and settings; nothing to do", output)
         return existing["report"]
+    _check_output(output)
     with _mapper(config.workers) as map_fn:
         docs, report = clean_corpus(files, config, map_fn)
         splits = split_documents(docs, config.val_fraction)
-        _reset_output(output)  # only now: a run that fails while cleaning leaves an earlier result alone
-        meta_splits = _write_splits(output, splits, tokenizer, config.shard_tokens, map_fn)
-    report["splits"] = {name: {k: v for k, v in s.items() if k != "shards"} for name, s in meta_splits.items()}
-    shards.write_meta(output, _meta(tokenizer, identity, meta_splits, report, config))
+        with _building(output) as folder:
+            meta_splits = _write_splits(folder, splits, tokenizer, config.shard_tokens, map_fn)
+            report["splits"] = {name: {k: v for k, v in s.items() if k != "shards"} for name, s in meta_splits.items()}
+            shards.write_meta(folder, _meta(tokenizer, identity, meta_splits, report, config))
     logger.info("prepared %s: %s", output, report["splits"])
     return report
 
@@ -104,8 +110,11 @@ def settings_of(config: PrepareConfig) -> dict[str, Any]:
 
 def _check_config(config: PrepareConfig) -> None:
     """DataError for settings that cannot work."""
-    if not 0 <= config.val_fraction < 1:
-        raise DataError(f"val_fraction must be in [0, 1), got {config.val_fraction}")
+    if config.val_fraction <= 0:
+        raise DataError(f"--val-fraction {config.val_fraction} leaves no validation split, which pretraining needs to "
+                        "measure validation loss; use a value above 0 (the default is 0.005)")
+    if config.val_fraction >= 1:
+        raise DataError(f"--val-fraction {config.val_fraction} leaves nothing to train on; use a value below 1")
     if config.shard_tokens < 1:
         raise DataError(f"shard_tokens must be positive, got {config.shard_tokens}")
     if not 0 < config.dedup.threshold <= 1:
@@ -169,22 +178,70 @@ def _input_changes(old: list[dict], new: list[dict]) -> str:
     return f"inputs ({', '.join(parts)})"
 
 
-def _reset_output(output: Path) -> None:
-    """Make output an empty-of-our-files folder: meta.json first (so it never looks complete), then the rest."""
-    try:
-        output.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise DataError(f"cannot create the output folder {output} ({err.strerror}); choose a writable location") \
-            from None
-    if not output.is_dir():
+def _check_intact(output: Path, meta: dict[str, Any]) -> None:
+    """DataError unless every shard meta.json lists is there at its size and the tokenizer copy is unchanged."""
+    for split in meta.get("splits", {}):
+        shards.TokenShards(output, split)
+    shards.check_tokenizer_copy(output, meta)
+
+
+# --- the output folder --------------------------------------------------------------------------------
+
+def _check_output(output: Path) -> None:
+    """DataError, before any long work, when output is a file or a folder holding files prepare did not write."""
+    if output.exists() and not output.is_dir():
         raise DataError(f"{output} is a file; choose a folder for the prepared data")
-    foreign = sorted(p.name for p in output.iterdir() if not _OURS.fullmatch(p.name))
+    foreign = sorted(p.name for p in output.iterdir() if not _OURS.fullmatch(p.name)) if output.exists() else []
     if foreign:
         raise DataError(f"{output} holds files that `llamakit prepare` did not write ({', '.join(foreign[:3])}); "
                         "choose a new or empty output folder")
-    (output / shards.META_FILE).unlink(missing_ok=True)
-    for path in output.iterdir():
-        path.unlink()  # old shards, and temporary files left by a killed run
+
+
+@contextlib.contextmanager
+def _building(output: Path) -> Iterator[Path]:
+    """A temporary sibling folder that replaces output only once the block finishes (else it is removed)."""
+    output = output.resolve()
+    _remove_stale_temporaries(output)
+    tmp = output.with_name(f".{output.name}.tmp-{os.getpid()}")
+    try:
+        tmp.mkdir(parents=True)
+    except OSError as err:
+        raise DataError(f"cannot create {tmp} ({err.strerror}): the new data is built beside {output.name} and then "
+                        "renamed; choose an output in a writable folder") from None
+    try:
+        yield tmp
+        if output.exists():  # a directory cannot be renamed over another: move the old one aside first
+            old = output.with_name(f".{output.name}.old-{os.getpid()}")
+            os.rename(output, old)
+            os.rename(tmp, output)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(tmp, output)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _remove_stale_temporaries(output: Path) -> None:
+    """Remove the .NAME.tmp-PID / .NAME.old-PID folders that runs killed outright (SIGKILL) left beside output."""
+    for path in output.parent.glob(f".{glob.escape(output.name)}.*-*"):
+        kind, _, pid = path.name[len(output.name) + 2:].partition("-")
+        if kind in ("tmp", "old") and pid.isdigit() and not _alive(int(pid)):
+            logger.info("removing %s, left by a run that was killed", path)
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    """Whether process pid exists (assumed where it cannot be probed)."""
+    if os.name == "nt":  # os.kill would terminate the process there, not probe it
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        pass  # e.g. another user's process
+    return True
 
 
 # --- cleaning -----------------------------------------------------------------------------------------
@@ -261,15 +318,14 @@ def _check_left(docs: list[str], report: dict, stage: str) -> None:
 # --- split, tokenise, write ---------------------------------------------------------------------------
 
 def split_documents(docs: list[str], val_fraction: float) -> dict[str, list[str]]:
-    """Train/val by a stable hash of each document, at least one of each when there are two or more."""
+    """Train/val by a stable hash of each document, at least one of each; DataError for fewer than two documents."""
+    if len(docs) < 2:
+        raise DataError(f"only {len(docs)} document is left after cleaning, so none can be held out for validation, "
+                        "which pretraining needs; add documents (a text file is one document unless --separator "
+                        "cuts it)")
     scores = [_unit_hash(doc) for doc in docs]
     is_val = [score < val_fraction for score in scores]
-    if len(docs) < 2:
-        is_val = [False] * len(docs)
-        if val_fraction > 0:
-            logger.warning("only %d document is left, so the validation split is empty (a text file is one "
-                           "document unless a separator cuts it)", len(docs))
-    elif val_fraction > 0 and not any(is_val):
+    if not any(is_val):
         is_val[scores.index(min(scores))] = True
     elif all(is_val):
         is_val[scores.index(max(scores))] = False
@@ -331,8 +387,13 @@ def _mapper(workers: int | None) -> Iterator[Callable]:
         return
     methods = multiprocessing.get_all_start_methods()
     context = multiprocessing.get_context("fork" if "fork" in methods else "spawn")
-    with context.Pool(workers) as pool:
+    with context.Pool(workers, initializer=_ignore_sigint) as pool:  # leaving the block terminates the workers
         yield pool.imap
+
+
+def _ignore_sigint() -> None:
+    """In a worker: Ctrl-C reaches the whole process group, and only the parent should handle it."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def _meta(tokenizer, identity: dict, splits: dict, report: dict, config: PrepareConfig) -> dict[str, Any]:

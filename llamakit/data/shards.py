@@ -130,6 +130,18 @@ class ShardWriter:
             self.abort()
 
 
+def check_tokenizer_copy(root: Path, meta: dict[str, Any]) -> None:
+    """DataError unless root's copy of the tokenizer is still the file meta.json records."""
+    recorded = meta["tokenizer"]
+    path = Path(root) / recorded["file"]
+    sha = file_sha256(path) if path.is_file() else None
+    if sha != recorded["sha256"]:
+        state = f"has sha256 {sha[:12]}..." if sha else "is missing"
+        raise DataError(f"{path} {state} but {Path(root) / META_FILE} records sha256 {recorded['sha256'][:12]}... "
+                        "(the tokenizer the shards were made with); restore the original file or re-run "
+                        "`llamakit prepare --force`")
+
+
 def read_meta(root: Path) -> dict[str, Any]:
     """A prepared folder's meta.json, checked to be a llamakit-shards file this version reads."""
     root = Path(root)
@@ -228,8 +240,9 @@ class TokenShards:
     def check_tokenizer(self, tokenizer) -> None:
         """DataError unless tokenizer is the one the shards were made with (same file bytes and vocab size)."""
         recorded = self.meta["tokenizer"]
-        sha = file_sha256(Path(tokenizer.path))
-        if sha != recorded["sha256"]:
+        if Path(tokenizer.path).resolve() == self.tokenizer_path.resolve():
+            check_tokenizer_copy(self.root, self.meta)  # the folder's own copy: it was replaced, not mismatched
+        elif (sha := file_sha256(Path(tokenizer.path))) != recorded["sha256"]:
             raise DataError(f"the shards in {self.root} were prepared with tokenizer {recorded['file']} (sha256 "
                             f"{recorded['sha256'][:12]}...) but {tokenizer.path} has sha256 {sha[:12]}...; pass that "
                             f"tokenizer ({self.tokenizer_path}) or re-run `llamakit prepare` with this one")

@@ -49,8 +49,9 @@ class PackedWindows:
         self.shards, self.seq_len = shards, seq_len
         self.num_samples = (len(shards) - 1) // seq_len
         if self.num_samples < 1:
+            more = "a larger --val-fraction" if split == "val" else "more text"
             raise DataError(f"the {split} split holds {len(shards)} tokens, fewer than one window of "
-                            f"data.seq_len + 1 = {seq_len + 1}; prepare more text or lower data.seq_len")
+                            f"data.seq_len + 1 = {seq_len + 1}; prepare {more} or lower data.seq_len")
 
     def batch(self, windows: Sequence[int]) -> dict[str, torch.Tensor]:
         """Inputs and next-token labels for the given windows."""

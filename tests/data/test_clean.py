@@ -50,6 +50,10 @@ def test_boilerplate_threshold_and_switch():
     assert remove_boilerplate(docs, min_docs=0, min_chars=30)[0] == docs
     repeated_in_one = [f"{BOILERPLATE}\n" * 20 + prose(20, 1)]  # counts documents, not occurrences
     assert remove_boilerplate(repeated_in_one, min_docs=2, min_chars=30)[1].lines_dropped == 0
+    copies = [f"{prose(20, 100)}\n{BOILERPLATE}"] * 50 + docs  # copies of a document count once: 10 distinct
+    cleaned, stats = remove_boilerplate(copies, min_docs=11, min_chars=30)
+    assert cleaned == copies and stats.lines_dropped == 0
+    assert remove_boilerplate(copies, min_docs=10, min_chars=30)[1].lines_dropped == 59
 
 
 GOOD = {

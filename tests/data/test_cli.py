@@ -1,5 +1,11 @@
 """`llamakit tokenizer train` and `llamakit prepare` end to end, and their one-line errors."""
 
+import os
+import signal
+import subprocess
+import sys
+import time
+
 import pytest
 
 from llamakit.cli import main
@@ -75,3 +81,36 @@ def test_tokenizer_train_help(capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["tokenizer", "train", "--help"])
     assert exit_info.value.code == 0 and "--vocab-size" in capsys.readouterr().out
+
+
+# `llamakit prepare ARGS...` whose workers stop for a minute on their first chunk, after touching a marker file.
+SLOW_TOKENIZING = """
+import importlib, sys, time
+from pathlib import Path
+from llamakit.cli import main
+prepare = importlib.import_module("llamakit.data.prepare")  # the package's prepare() hides the module
+encode = prepare.encode_documents
+def slow_encode(texts, **kwargs):
+    Path(sys.argv[1]).touch()
+    time.sleep(60)
+    return encode(texts, **kwargs)
+prepare.encode_documents = slow_encode
+sys.exit(main(sys.argv[2:]))
+"""
+
+
+def test_ctrl_c_while_tokenizing_prints_one_line(corpus, tokenizer_file, tmp_path):
+    marker, out = tmp_path / "tokenizing", tmp_path / "out"
+    args = ["prepare", corpus, "--tokenizer", tokenizer_file, "--output", out, "--workers", "2"]
+    # A session of its own: Ctrl-C in a terminal sends SIGINT to the whole process group, workers included.
+    proc = subprocess.Popen([sys.executable, "-c", SLOW_TOKENIZING, marker, *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    deadline = time.monotonic() + 120
+    while not marker.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert marker.exists(), proc.communicate(timeout=60)  # tokenizing has started
+    os.killpg(proc.pid, signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert (proc.returncode, err) == (130, "llamakit prepare: interrupted\n")
+    assert not out.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["corpus", "tokenizing"]

@@ -2,6 +2,7 @@
 
 import dataclasses
 import importlib
+import re
 
 import numpy as np
 import pyarrow as pa
@@ -142,11 +143,13 @@ def test_interrupted_run_never_looks_complete(corpus, tokenizer_file, tmp_path, 
     monkeypatch.setattr(prepare_module, "encode_documents", dies_on_second_chunk)
     with pytest.raises(KeyboardInterrupt):
         prepare(config_for(corpus, tokenizer_file, out, shard_tokens=100))
-    assert not (out / "meta.json").exists() and any(out.glob("train-*.bin"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["corpus"]  # the shards written so far are gone too
+    monkeypatch.undo()
+    out.mkdir()  # a folder from an older version, interrupted: partial files, no meta.json
+    (out / "train-00000.bin").write_bytes(b"partial")
+    (out / ".train-00009.bin.tmp").write_bytes(b"left by a killed run")
     with pytest.raises(DataError, match="no meta.json"):
         TokenShards(out)
-    monkeypatch.undo()
-    (out / ".train-00009.bin.tmp").write_bytes(b"left by a killed run")
     prepare(config_for(corpus, tokenizer_file, out))
     assert TokenShards(out).num_tokens > 0 and not list(out.glob(".*"))
 
@@ -160,7 +163,7 @@ def test_refuses_foreign_folders_and_empty_results(corpus, tokenizer_file, tmp_p
     with pytest.raises(DataError, match="no documents are left after the quality filters: of 1 read, min_chars removed 1"):
         prepare(config_for(tmp_path / "tiny.txt", tokenizer_file, tmp_path / "out"))
     assert not (tmp_path / "out").exists()
-    with pytest.raises(DataError, match="val_fraction"):
+    with pytest.raises(DataError, match="--val-fraction 1.0 leaves nothing to train on"):
         prepare(config_for(corpus, tokenizer_file, tmp_path / "out", val_fraction=1.0))
 
 
@@ -169,7 +172,8 @@ def test_split_is_stable_with_at_least_one_validation_document():
     splits = split_documents(docs, 0.005)
     assert len(splits["val"]) == 1 and splits == split_documents(docs, 0.005)
     assert split_documents(docs[::-1], 0.005)["val"] == splits["val"]  # fixed by content, not position
-    assert split_documents(docs, 0.0)["val"] == [] and split_documents(docs[:1], 0.5) == {"train": docs[:1], "val": []}
+    with pytest.raises(DataError, match="only 1 document is left after cleaning"):
+        split_documents(docs[:1], 0.5)
     half = split_documents(docs, 0.5)
     assert 4 <= len(half["val"]) <= 16 and len(half["train"]) + len(half["val"]) == 20
 
@@ -182,3 +186,91 @@ def test_large_vocabulary_uses_uint32(corpus, assets, tmp_path):
     shards = TokenShards(out)
     assert shards.window(0, 1)[0] == tokenizer.bos_id == 128000
     assert all_documents(out, tokenizer) == sorted([*good_docs(), FRENCH])  # no language filter here
+
+
+def test_rerun_decides_from_meta_without_reading_the_corpus(corpus, tokenizer_file, tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    report = prepare(config_for(corpus, tokenizer_file, out))
+
+    def no_cleaning(*args, **kwargs):
+        raise AssertionError("a rerun with the same inputs and settings must not read or clean the corpus")
+
+    monkeypatch.setattr(prepare_module, "clean_corpus", no_cleaning)
+    assert prepare(config_for(corpus, tokenizer_file, out)) == report
+    (corpus / "a_txt" / "03.txt").write_text(prose(100, 77))  # a changed input is still noticed
+    with pytest.raises(DataError, match=r"different inputs \(modified 03.txt\)"):
+        prepare(config_for(corpus, tokenizer_file, out))
+
+
+def test_a_damaged_folder_is_not_already_prepared(corpus, tokenizer_file, tmp_path):
+    out = tmp_path / "out"
+    prepare(config_for(corpus, tokenizer_file, out))
+    sha = file_sha256(out / "tokenizer.model")
+    other = train_tokenizer([prose(300, seed) for seed in range(50, 60)], tmp_path / "other.model", 360, num_threads=1)
+    (out / "tokenizer.model").write_bytes(other.read_bytes())
+    with pytest.raises(DataError, match=re.escape(f"{out / 'tokenizer.model'} has sha256 ") + r"\w{12}\.\.\. but "
+                       + re.escape(f"{out / 'meta.json'} records sha256 {sha[:12]}") + ".*restore the original file"):
+        prepare(config_for(corpus, tokenizer_file, out))
+    prepare(config_for(corpus, tokenizer_file, out, force=True))
+    (out / "train-00001.bin").unlink()
+    with pytest.raises(DataError, match="train-00001.bin is missing"):
+        prepare(config_for(corpus, tokenizer_file, out))
+
+
+def test_force_builds_aside_and_an_interrupt_keeps_the_old_data(corpus, tokenizer_file, tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    prepare(config_for(corpus, tokenizer_file, out))
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    encode, calls = prepare_module.encode_documents, []
+
+    def dies_on_second_chunk(texts, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return encode(texts, **kwargs)
+
+    monkeypatch.setattr(prepare_module, "CHUNK_DOCS", 4)
+    monkeypatch.setattr(prepare_module, "encode_documents", dies_on_second_chunk)
+    with pytest.raises(KeyboardInterrupt):
+        prepare(config_for(corpus, tokenizer_file, out, shard_tokens=100, force=True))
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["corpus", "out"]  # no temporary folder left
+    monkeypatch.undo()
+    prepare(config_for(corpus, tokenizer_file, out, shard_tokens=100, force=True))
+    assert read_meta(out)["settings"]["shard_tokens"] == 100 and TokenShards(out).num_tokens > 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["corpus", "out"]
+
+
+def test_temporaries_of_killed_runs_are_removed(corpus, tokenizer_file, tmp_path):
+    dead = tmp_path / ".out.tmp-999999999"  # no such process
+    dead.mkdir()
+    (dead / "train-00000.bin").write_bytes(b"left by a run killed with SIGKILL")
+    prepare(config_for(corpus, tokenizer_file, tmp_path / "out"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["corpus", "out"]
+
+
+def test_identical_files_keep_one_document(tokenizer_file, tmp_path):
+    folder = tmp_path / "copies"
+    folder.mkdir()
+    text = "\n".join(prose(40, line) for line in range(5))  # five long lines, each in every copy
+    for i in range(50):
+        (folder / f"{i:02d}.txt").write_text(text)
+    for i, doc in enumerate(good_docs()[:3]):
+        (folder / f"doc{i}.txt").write_text(doc)
+    report = prepare(config_for(folder, tokenizer_file, tmp_path / "out"))
+    assert report["boilerplate"]["lines_dropped"] == 0 and report["exact_duplicates"]["documents"] == 49
+    assert report["kept"]["documents"] == 4
+
+
+@pytest.mark.parametrize("docs, settings, message", [
+    (good_docs(), {"val_fraction": 0.0}, "--val-fraction 0.0 leaves no validation split, which pretraining needs "
+                                         "to measure validation loss; use a value above 0"),
+    (good_docs()[:1], {}, "only 1 document is left after cleaning, so none can be held out for validation"),
+])
+def test_no_validation_split_is_refused_before_tokenizing(docs, settings, message, tokenizer_file, tmp_path,
+                                                         monkeypatch):
+    write_jsonl(tmp_path / "in.jsonl", docs)
+    monkeypatch.setattr(prepare_module, "encode_documents", None)  # tokenizing would fail with a TypeError
+    with pytest.raises(DataError, match=message):
+        prepare(config_for(tmp_path / "in.jsonl", tokenizer_file, tmp_path / "out", **settings))
+    assert not (tmp_path / "out").exists()

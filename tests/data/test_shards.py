@@ -1,6 +1,7 @@
 """The shard format: writer/reader round trip, windows across shards, dtype choice, damage and mismatch errors."""
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -110,3 +111,15 @@ def test_tokenizer_check(tmp_path, tokenizer_file, tokenizer):
     (root / "meta.json").write_text(json.dumps(meta))
     with pytest.raises(DataError, match="has 320 tokens but the shards .* were made with 999"):
         TokenShards(root).check_tokenizer(tokenizer)
+
+
+def test_a_replaced_tokenizer_copy_is_blamed_on_the_folder(tmp_path, tokenizer_file):
+    from llamakit.tokenizer import load_tokenizer
+
+    root = make_folder(tmp_path / "p", tokenizer_file, {"train": [np.arange(5)]})
+    train_tokenizer([prose(300, 7)] * 3, root / "tokenizer.model", 300, num_threads=1, overwrite=True)  # replaced
+    recorded = file_sha256(tokenizer_file)[:12]
+    with pytest.raises(DataError, match=re.escape(f"{root / 'tokenizer.model'} has sha256 ") + r"\w{12}\.\.\. but "
+                       + re.escape(f"{root / 'meta.json'} records sha256 {recorded}... (the tokenizer the shards were "
+                                   "made with); restore the original file or re-run `llamakit prepare --force`")):
+        TokenShards(root).check_tokenizer(load_tokenizer(root / "tokenizer.model"))
