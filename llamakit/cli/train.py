@@ -72,7 +72,8 @@ def merge(args: argparse.Namespace) -> None:
 
 def _add_run_config(p: argparse.ArgumentParser, example: str) -> None:
     p.add_argument("config", help=f"a YAML config, e.g. {example}")
-    p.add_argument("--resume", action="store_true", help="continue the run in checkpoint.out_dir from its latest step")
+    p.add_argument("--resume", action="store_true", help="continue the run in checkpoint.out_dir from its latest "
+                   "step-N/ (a finished run: nothing to do, unless train.max_steps was raised)")
     p.add_argument("overrides", nargs=argparse.REMAINDER, metavar="--section.key VALUE",
                    help="override any config value, e.g. --optim.lr 1e-3 --train.max_steps 500; "
                         "`llamakit COMMAND CONFIG --help` lists every key")

@@ -172,6 +172,8 @@ def parse_config(path: str | Path, overrides: list[str] = (), kind: type = Pretr
         namespace = parser.parse_args(["--config", str(path), *overrides])
     except ArgumentError as e:
         raise ConfigError(f"{path}: {' '.join(str(e).split())}") from None
+    if namespace.resume:
+        raise ConfigError(f"--resume is not a config value; call {kind.command}(cfg, resume=True)")
     try:
         sections = parser.instantiate(namespace)
     except (ValueError, TypeError) as e:  # a section's own validation, e.g. LoRAConfig's
@@ -186,6 +188,8 @@ def config_parser(kind: type = PretrainConfig):
     command = kind.command
     parser = ArgumentParser(exit_on_error=False, prog=f"llamakit {command} CONFIG.yaml", default_env=False)
     parser.add_argument("--config", action=ActionConfigFile, help=f"a YAML preset, e.g. configs/{command}/tiny.yaml")
+    # The command's own flag (cli/train.py), so that `llamakit pretrain CONFIG.yaml --help` lists it too.
+    parser.add_argument("--resume", action="store_true", help="continue the run in checkpoint.out_dir")
     for section in dataclasses.fields(kind):
         parser.add_class_arguments(section.default_factory, section.name, fail_untyped=True)
     return parser

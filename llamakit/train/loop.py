@@ -31,7 +31,7 @@ class LoopSettings:
     grad_clip: float  # 0: no clipping (the norm is still measured and logged)
     precision: str  # fp32, bf16, fp16
     eval_every: int  # 0: only at the end
-    save_every: int  # 0: only the final model
+    save_every: int  # 0: never (the caller saves the last step: see runner.run_training)
     log_every: int
     world_size: int = 1
     flops_per_token: float = 0.0

@@ -26,11 +26,13 @@ def build_optimizer(model: nn.Module, cfg: OptimSection) -> torch.optim.AdamW:
 
 
 def lr_at(step: int, cfg: OptimSection, max_steps: int) -> float:
-    """Learning rate for optimizer step `step` (0-based): linear warmup, then cosine to min_lr_ratio * lr."""
-    if step < cfg.warmup_steps:
-        return cfg.lr * (step + 1) / cfg.warmup_steps
-    decay_steps = max(max_steps - 1 - cfg.warmup_steps, 1)  # the last step runs at the floor
-    progress = min((step - cfg.warmup_steps) / decay_steps, 1.0)
+    """Learning rate of loop step `step` (0-based), i.e. of update u = step + 1 of updates 1..N (N = max_steps):
+    linear warmup reaching the peak at update W = warmup_steps, then cosine from the peak to min_lr_ratio * peak
+    at update N, each value used once. W = 0 is W = 1 (update 1 at the peak); W >= N only warms up."""
+    u, warmup = step + 1, max(cfg.warmup_steps, 1)
+    if u <= warmup:
+        return cfg.lr * u / warmup
+    progress = min((u - warmup) / (max_steps - warmup), 1.0)  # u > warmup implies max_steps > warmup
     floor = cfg.lr * cfg.min_lr_ratio
     return floor + (cfg.lr - floor) * 0.5 * (1 + math.cos(math.pi * progress))
 

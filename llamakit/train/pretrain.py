@@ -11,9 +11,10 @@ from llamakit.checkpoint import load_model
 from llamakit.data import TokenShards
 from llamakit.errors import ConfigError
 from llamakit.model import Transformer
-from llamakit.tokenizer import check_vocab, load_tokenizer
+from llamakit.tokenizer import Tokenizer, check_vocab, load_tokenizer
+from llamakit.tokenizer.base import MAX_VOCAB_PADDING
 from llamakit.train.batches import PackedWindows
-from llamakit.train.config import PretrainConfig, model_config
+from llamakit.train.config import ModelSection, PretrainConfig, model_config
 from llamakit.train.loop import LoopData
 from llamakit.train.metrics import flops_per_token
 from llamakit.train.objectives import NextTokenLoss
@@ -25,7 +26,7 @@ log = logging.getLogger(__name__)
 
 def pretrain(cfg: PretrainConfig, resume: bool = False) -> Path:
     """Train from scratch (or from model.init_from) and return the final/ folder."""
-    with processes(cfg.train.device) as procs:
+    with processes(cfg.train.device, cfg.checkpoint.out_dir) as procs:
         return _run(cfg, resume, procs)
 
 
@@ -33,10 +34,22 @@ def _run(cfg: PretrainConfig, resume: bool, procs: Processes) -> Path:
     shards = TokenShards(cfg.data.path, "train")
     tokenizer = load_tokenizer(shards.tokenizer_path)
     shards.check_tokenizer(tokenizer)
+    _check_vocab_size(cfg.model, tokenizer)
     model = _build_model(cfg, shards.vocab_size, procs)
-    check_vocab(tokenizer, model.config.vocab_size, "model.vocab_size")
+    check_vocab(tokenizer, model.config.vocab_size, cfg.model.init_from or "model.vocab_size")
     return run_training(cfg, Job(model, NextTokenLoss(), _data(cfg, shards, procs), tokenizer,
                                  flops_per_token(model.config, cfg.data.seq_len)), procs, resume)
+
+
+def _check_vocab_size(section: ModelSection, tokenizer: Tokenizer) -> None:
+    """An explicit model.vocab_size must hold every id of the data's tokenizer (padding it by a little at most)."""
+    size, n = section.vocab_size, tokenizer.vocab_size
+    if size is None or section.init_from or n <= size <= n + MAX_VOCAB_PADDING:
+        return
+    relation = "smaller than" if size < n else f"more than {MAX_VOCAB_PADDING} above"
+    raise ConfigError(f"model.vocab_size={size} is {relation} the {n} tokens of the data's tokenizer "
+                      f"({tokenizer.path}); remove model.vocab_size to use the tokenizer's size, or set it between "
+                      f"{n} and {n + MAX_VOCAB_PADDING}")
 
 
 def _build_model(cfg: PretrainConfig, data_vocab: int, procs: Processes) -> Transformer:

@@ -52,9 +52,13 @@ class Checkpointer:
         self.tokenizer, self.config_yaml = tokenizer, config_yaml
         self.adapter, self.base = adapter, base  # adapter runs save only the adapter (PEFT format), not the base
 
+    @property
+    def final(self) -> Path:
+        return self.out_dir / "final"
+
     def latest(self) -> Path | None:
         """The newest complete step folder (incomplete ones are never renamed into place)."""
-        steps = sorted(self._step_dirs(), key=lambda p: int(STEP_DIR.fullmatch(p.name)[1]))
+        steps = sorted(self._step_dirs(), key=step_of)
         return steps[-1] if steps else None
 
     def save(self, model: nn.Module, optimizer: torch.optim.Optimizer, scaler, state: TrainState) -> Path | None:
@@ -62,14 +66,14 @@ class Checkpointer:
         folder = self.out_dir / f"step-{state.step}"
         self._write(folder, model, optimizer, scaler, state)
         if self.procs.is_main:
-            for old in sorted(self._step_dirs(), key=lambda p: int(STEP_DIR.fullmatch(p.name)[1]))[:-self.keep_last]:
+            for old in sorted(self._step_dirs(), key=step_of)[:-self.keep_last]:
                 shutil.rmtree(old, ignore_errors=True)
         _barrier()
         return folder
 
     def save_final(self, model: nn.Module) -> Path:
         """final/: a normal model folder (weights, config, tokenizer) that generate and Llama.build load."""
-        folder = self.out_dir / "final"
+        folder = self.final
         self._write(folder, model, None, None, None, overwrite=True)
         _barrier()
         return folder
@@ -124,6 +128,11 @@ class Checkpointer:
             return []
         return [p for p in self.out_dir.iterdir() if p.is_dir() and STEP_DIR.fullmatch(p.name)
                 and (p / "trainer.pt").is_file()]
+
+
+def step_of(folder: Path) -> int:
+    """N of a step-N/ folder."""
+    return int(STEP_DIR.fullmatch(folder.name)[1])
 
 
 def _rng_states() -> dict:

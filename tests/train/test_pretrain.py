@@ -2,6 +2,8 @@
 
 import json
 import os
+import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -92,7 +94,7 @@ def test_a_run_killed_with_sigkill_resumes_with_bitwise_identical_losses(prepare
     assert resumed.returncode == 0, resumed.stderr
     assert _losses(broken) == _losses(whole)  # every step, bit for bit
     assert _losses(broken, "val_loss") == _losses(whole, "val_loss")
-    assert sorted(p.name for p in broken.glob("step-*")) == ["step-30", "step-35"]  # keep_last = 2
+    assert sorted(p.name for p in broken.glob("step-*")) == ["step-35", "step-40"]  # keep_last = 2, the last step
 
 
 def test_two_processes_give_the_losses_of_one(prepared, tmp_path):
@@ -119,6 +121,8 @@ def test_bad_runs_fail_in_one_line(prepared, tmp_path, capsys):
     capsys.readouterr()
     cases = [
         ([*base, "--train.max_steps", "3"], "pass --resume"),  # the folder holds another run
+        ([*base[:-1], str(tmp_path / "new"), "--model.vocab_size", "100"],
+         "model.vocab_size=100 is smaller than the 512 tokens of the data's tokenizer"),
         ([*base, "--train.max_steps", "3", "--resume", "--optim.lr", "0.5"], "optim.lr"),  # not the same run
         (["pretrain", str(TINY), "--optim.learning_rate", "1"], "learning_rate"),
         (["pretrain", str(TINY), "--data.path", str(tmp_path / "nothing")], "llamakit prepare"),
@@ -128,3 +132,99 @@ def test_bad_runs_fail_in_one_line(prepared, tmp_path, capsys):
         assert main(argv) == 1, argv
         err = capsys.readouterr().err
         assert message in err and err.count("\n") == 1, err
+
+
+def test_pretrain_config_help_lists_resume(capsys):
+    with pytest.raises(SystemExit) as done:
+        main(["pretrain", str(TINY), "--help"])
+    assert done.value.code == 0 and "--resume" in capsys.readouterr().out
+
+
+def _snapshot(run: Path) -> dict[str, int]:
+    """Every file of a run folder with its modification time."""
+    return {str(p.relative_to(run)): p.stat().st_mtime_ns for p in sorted(run.rglob("*")) if p.is_file()}
+
+
+def test_a_finished_run_is_never_retrained_or_overwritten(prepared, tmp_path, capsys):
+    run = tmp_path / "run"
+    base = ["pretrain", str(TINY), *SMALL, "--data.path", str(prepared), "--checkpoint.out_dir", str(run),
+            "--checkpoint.every", "0", "--eval.every", "0"]
+    assert main([*base, "--train.max_steps", "3"]) == 0
+    assert sorted(p.name for p in run.glob("step-*")) == ["step-3"]  # the last step is checkpointed
+    before = _snapshot(run)
+    capsys.readouterr()
+
+    assert main([*base, "--train.max_steps", "3", "--optim.lr", "0.0005"]) == 1  # no --resume: refused
+    assert "already holds a run" in capsys.readouterr().err and not (run / ".lock").exists()
+    assert main([*base, "--train.max_steps", "3", "--resume"]) == 0  # finished: nothing to do (demo.sh's rerun)
+    assert str(run / "final") in capsys.readouterr().out
+    assert _snapshot(run) == before  # final/, metrics.jsonl, train_config.yaml untouched
+
+    assert main([*base, "--train.max_steps", "5", "--resume"]) == 0  # a raised max_steps continues the run
+    assert sorted(_losses(run)) == [1, 2, 3, 4, 5] and (run / "step-5").is_dir()
+    assert _snapshot(run)["final/model.safetensors"] != before["final/model.safetensors"]
+
+    shutil.rmtree(run / "final")  # killed after the last checkpoint, before final/: --resume only writes final/
+    metrics = (run / "metrics.jsonl").read_text()
+    assert main([*base, "--train.max_steps", "5", "--resume"]) == 0
+    assert (run / "final" / "model.safetensors").is_file() and (run / "metrics.jsonl").read_text() == metrics
+
+    for step in run.glob("step-*"):  # a folder holding only final/ is a run too
+        shutil.rmtree(step)
+    capsys.readouterr()
+    assert main([*base, "--train.max_steps", "5"]) == 1
+    err = capsys.readouterr().err
+    assert "already holds a run (latest: final/)" in err and err.count("\n") == 1, err
+    assert main([*base, "--train.max_steps", "5", "--resume"]) == 0
+    assert not (run / ".lock").exists()
+
+
+def _dead_pid() -> int:
+    proc = subprocess.Popen(["true"])
+    proc.wait()
+    return proc.pid
+
+
+def test_a_run_owns_its_folder_and_takes_over_what_a_killed_run_left(prepared, tmp_path, capsys, caplog,
+                                                                     monkeypatch):
+    run = tmp_path / "run"
+    run.mkdir()
+    host = socket.gethostname()
+    argv = ["pretrain", str(TINY), *SMALL, "--data.path", str(prepared), "--checkpoint.out_dir", str(run),
+            "--train.max_steps", "2", "--checkpoint.every", "1", "--eval.every", "0"]
+    (run / ".lock").write_text(json.dumps({"pid": os.getppid(), "host": host}))  # a live run holds the folder
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    assert f"in use by another run (pid {os.getppid()} on {host})" in err and err.count("\n") == 1, err
+    assert sorted(p.name for p in run.iterdir()) == [".lock"]  # nothing written: no config, no metrics
+
+    dead = _dead_pid()
+    (run / ".lock").write_text(json.dumps({"pid": dead, "host": host}))  # a run killed with SIGKILL
+    for leftover in (f".step-6.tmp-{dead}", f".final.old-{dead}"):  # killed mid-save
+        (run / leftover).mkdir()
+        (run / leftover / "optimizer.pt").write_bytes(b"x" * 100)
+    assert main(argv) == 0
+    assert f"taking over the lock of pid {dead}" in caplog.text
+    assert sorted(p.name for p in run.iterdir() if p.name.startswith(".")) == []  # lock released, leftovers gone
+
+    def interrupted(*args, **kwargs):
+        assert (run / ".lock").is_file()
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("llamakit.train.runner.train", interrupted)
+    assert main([*argv, "--train.max_steps", "3", "--resume"]) == 130  # Ctrl-C releases the lock too
+    assert not (run / ".lock").exists()
+
+
+def test_every_process_fails_in_one_line_when_another_run_holds_the_folder(prepared, tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / ".lock").write_text(json.dumps({"pid": os.getpid(), "host": "elsewhere"}))
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29535",
+                "-m", "llamakit", "pretrain", str(TINY), *SMALL, "--data.path", str(prepared),
+                "--checkpoint.out_dir", str(run), "--train.max_steps", "1"]
+    done = subprocess.run(torchrun, env=ENV, capture_output=True, text=True, timeout=300)
+    assert done.returncode != 0
+    lines = [line for line in done.stderr.splitlines() if "is in use by another run (pid" in line]
+    assert len(lines) == 2 and all(line.startswith("llamakit pretrain: error:") for line in lines), done.stderr
+    assert "llamakit/train" not in done.stderr  # no traceback of ours (torchrun adds its own summary)

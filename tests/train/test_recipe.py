@@ -16,16 +16,34 @@ from llamakit.train.optim import build_optimizer, lr_at, param_groups
 CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "pretrain"
 
 
+def _schedule(warmup: int, steps: int, lr: float = 1.0) -> list[float]:
+    """The learning rate of updates 1..steps (loop steps 0..steps-1)."""
+    cfg = OptimSection(lr=lr, warmup_steps=warmup, min_lr_ratio=0.1)
+    return [lr_at(s, cfg, steps) for s in range(steps)]
+
+
 def test_schedule_warms_up_linearly_then_decays_by_cosine_to_ten_percent():
-    cfg = OptimSection(lr=3e-4, warmup_steps=2000, min_lr_ratio=0.1)
-    steps = 10_000
-    lrs = [lr_at(s, cfg, steps) for s in range(steps)]
+    lrs = _schedule(2000, 10_000, lr=3e-4)
     assert lrs[0] == pytest.approx(3e-4 / 2000) and lrs[999] == pytest.approx(3e-4 * 1000 / 2000)
-    assert lrs[1999] == pytest.approx(3e-4)  # the peak ends the warmup
-    assert all(a >= b for a, b in zip(lrs[1999:], lrs[2000:]))  # then never rises
-    assert lrs[-1] == pytest.approx(3e-5)  # the last step runs at 10% of the peak
-    mid = 2000 + (steps - 1 - 2000) / 2  # halfway through the decay: halfway between peak and floor
-    assert lr_at(int(mid), cfg, steps) == pytest.approx(3e-5 + 0.5 * 2.7e-4 * (1 + math.cos(math.pi * 0.5)), rel=1e-3)
+    assert lrs[1999] == pytest.approx(3e-4)  # update 2000 = W ends the warmup at the peak
+    assert lrs[-1] == pytest.approx(3e-5)  # update N runs at 10% of the peak
+    # halfway from update W to update N: halfway between peak and floor
+    assert lrs[6000 - 1] == pytest.approx(3e-5 + 0.5 * 2.7e-4 * (1 + math.cos(math.pi * 0.5)))
+
+
+@pytest.mark.parametrize("warmup, steps", [(2, 6), (1, 5), (0, 5), (20, 200)])
+def test_schedule_is_one_curve_reaching_each_value_once(warmup, steps):
+    lrs = _schedule(warmup, steps)
+    peak = max(warmup, 1) - 1  # index of the update that gets the peak
+    assert lrs[peak] == 1.0 and lrs.count(1.0) == 1  # no two updates share the peak
+    assert all(a < b for a, b in zip(lrs[:peak], lrs[1:peak + 1]))  # strictly up to the peak
+    assert all(a > b for a, b in zip(lrs[peak:], lrs[peak + 1:]))  # strictly down after it
+    assert lrs[-1] == pytest.approx(0.1)  # the last update gets the floor
+
+
+def test_schedule_table_in_the_readme():
+    assert [round(lr, 3) for lr in _schedule(2, 6)] == [0.5, 1.0, 0.868, 0.55, 0.232, 0.1]
+    assert _schedule(5, 4) == [0.2, 0.4, 0.6, 0.8]  # warmup_steps >= max_steps: only the warmup
 
 
 def test_weight_decay_skips_norms_and_the_optimizer_holds_the_recipe():
