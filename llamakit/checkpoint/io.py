@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import shutil
@@ -32,8 +33,11 @@ def atomic_directory(dst: Path, overwrite: bool = False) -> Iterator[Path]:
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.rename(tmp, dst)
-    except BaseException:
+    except BaseException as e:
+        full = _disk_full(e, tmp)
         shutil.rmtree(tmp, ignore_errors=True)
+        if full:
+            raise _disk_full_error(dst) from None
         raise
 
 
@@ -48,9 +52,40 @@ def atomic_file(dst: Path, overwrite: bool = False) -> Iterator[Path]:
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, dst)
-    except BaseException:
+    except BaseException as e:
+        full = _disk_full(e, tmp.parent)
         tmp.unlink(missing_ok=True)
+        if full:
+            raise _disk_full_error(dst) from None
         raise
+
+
+def check_separate(src: Path, dst: Path) -> None:
+    """Refuse an output that is its source, lies inside it, or holds it: writing it would damage the source."""
+    src, dst = Path(src).resolve(), Path(dst).resolve()  # resolved: a symlink or `..` cannot hide the overlap
+    if dst == src or dst.is_relative_to(src) or src.is_relative_to(dst):
+        where = "is" if dst == src else "is inside" if dst.is_relative_to(src) else "contains"
+        raise CheckpointError(f"{dst}: the output {where} the source {src}; writing it would damage the "
+                              "source, so choose an output path outside it")
+
+
+def _disk_full(error: BaseException, where: Path) -> bool:
+    """Whether a failed write ran out of disk space or quota (each writer reports it in its own way)."""
+    if isinstance(error, OSError):
+        return error.errno in (errno.ENOSPC, errno.EDQUOT)
+    text = str(error)
+    if any(sign in text for sign in ("No space left", "Disk quota exceeded", "os error 28", "os error 122")):
+        return True  # safetensors: "I/O error: No space left on device (os error 28)"
+    # torch.save reports only a short write ("[enforce fail at inline_container.cc] ... unexpected pos" or
+    # "file write failed"); the file system tells whether that is for want of space.
+    with contextlib.suppress(OSError):
+        return "inline_container.cc" in text and shutil.disk_usage(where).free < 2**20
+    return False
+
+
+def _disk_full_error(dst: Path) -> CheckpointError:
+    return CheckpointError(f"{dst}: the disk holding {dst.absolute().parent} is full (or your quota there is "
+                           "used up); nothing was written; free some space or choose an output on another disk")
 
 
 def _check_destination(dst: Path, overwrite: bool, want_dir: bool) -> None:

@@ -10,6 +10,7 @@ are permuted once here.
 
 from __future__ import annotations
 
+import itertools
 import re
 from collections.abc import Iterator
 from pathlib import Path
@@ -87,16 +88,12 @@ def permute_rope_rows(name: str, tensor: torch.Tensor, config: ModelConfig, to_h
     return interleaved_to_halves(tensor, heads) if to_halves else halves_to_interleaved(tensor, heads)
 
 
-def shard_files(folder: Path) -> list[Path]:
-    """consolidated.00.pth .. consolidated.NN.pth, checked to be a complete, contiguous set."""
-    found = sorted((int(m.group(1)), p) for p in folder.iterdir() if (m := SHARD_PATTERN.fullmatch(p.name)))
+def shard_files(folder: Path) -> dict[int, Path]:
+    """The consolidated.NN.pth files by rank (completeness is checked against their shapes on opening)."""
+    found = dict(sorted((int(m.group(1)), p) for p in folder.iterdir() if (m := SHARD_PATTERN.fullmatch(p.name))))
     if not found:
         raise CheckpointError(f"{folder}: params.json found but no consolidated.NN.pth weight files")
-    ranks = [rank for rank, _ in found]
-    if ranks != list(range(len(found))):
-        raise CheckpointError(f"{folder}: shard files are not consolidated.00..{len(found) - 1:02d}.pth "
-                              f"(found ranks {ranks}); a shard is missing")
-    return [p for _, p in found]
+    return found
 
 
 def config_from_params(folder: Path, vocab_size: int | None = None) -> ModelConfig:
@@ -139,7 +136,7 @@ def read_meta_config(folder: Path) -> ModelConfig:
     embedding, which needs the data).
     """
     width = read_json(folder / "params.json").get("dim")
-    shards = _open_shards(folder)  # memory-mapped: only shapes are read
+    shards = _open_shards(folder, width)  # memory-mapped: only shapes are read
     embeds = [s["tok_embeddings.weight"] for s in shards]
     vocab = sum(e.shape[0] for e in embeds) if embeds[0].shape[1] == width else embeds[0].shape[0]
     config = config_from_params(folder, vocab_size=vocab)
@@ -149,7 +146,7 @@ def read_meta_config(folder: Path) -> ModelConfig:
 def read_meta(folder: Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
     """Config and merged weights (our names, rotate-half layout) from any number of shards."""
     width = read_json(folder / "params.json").get("dim")
-    shards = _open_shards(folder)
+    shards = _open_shards(folder, width)
     merged = {}
     for key in shards[0]:
         if key in IGNORED_KEYS:
@@ -157,7 +154,7 @@ def read_meta(folder: Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
         name = meta_to_ours(key)
         if name is None:
             raise CheckpointError(f"{folder}: unknown weight {key!r} in consolidated.00.pth")
-        merged[name] = _merge(name, [s[key] for s in shards], width, folder)
+        merged[name] = _merge(name, [s[key] for s in shards], width)
     embed = merged["embed_tokens.weight"]
     config = config_from_params(folder, vocab_size=embed.shape[0])
     tied = "lm_head.weight" not in merged or torch.equal(merged["lm_head.weight"], embed)
@@ -167,21 +164,75 @@ def read_meta(folder: Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
     return config, {name: permute_rope_rows(name, t, config, to_halves=True) for name, t in merged.items()}
 
 
-def _open_shards(folder: Path) -> list[dict[str, torch.Tensor]]:
-    """Every shard's state dict (memory-mapped), checked to hold the same Llama weights."""
-    files = shard_files(folder)
-    shards = [torch_load(p) for p in files]
+def _open_shards(folder: Path, width: int | None) -> list[dict[str, torch.Tensor]]:
+    """Every shard's state dict (memory-mapped), checked to be one complete set of distinct ranks."""
+    found = shard_files(folder)
+    files, shards = list(found.values()), [torch_load(path) for path in found.values()]
+    _check_pieces(files, shards)
+    if "tok_embeddings.weight" not in shards[0]:
+        raise CheckpointError(f"{files[0]}: no tok_embeddings.weight; this is not a Llama checkpoint")
+    count = _shard_count(width, files[0], shards[0]) or max(found) + 1
+    missing = [f"consolidated.{rank:02d}.pth" for rank in range(count) if rank not in found]
+    if missing:
+        raise CheckpointError(f"{folder}: {', '.join(missing)} {'is' if len(missing) == 1 else 'are'} missing "
+                              f"(the weights are split into {count} shards); the download or copy is incomplete")
+    extra = [path.name for rank, path in found.items() if rank >= count]
+    if extra:
+        raise CheckpointError(f"{folder}: {', '.join(extra)} not part of this checkpoint, whose weights are split "
+                              f"into {count} shards (consolidated.00..{count - 1:02d}.pth); move the extra files away")
+    _check_distinct(files, shards)
+    return shards
+
+
+def _check_pieces(files: list[Path], shards: list[dict[str, torch.Tensor]]) -> None:
+    """Every shard holds a piece of every weight, and the pieces are what torch.chunk cuts from one tensor."""
     for file, shard in zip(files[1:], shards[1:], strict=True):
         if set(shard) != set(shards[0]):
             diff = sorted(set(shard) ^ set(shards[0]))[:3]
             raise CheckpointError(f"{file}: holds different weights than {files[0].name} (e.g. {diff}); "
                                   "the shards come from different checkpoints or one is damaged")
-    if "tok_embeddings.weight" not in shards[0]:
-        raise CheckpointError(f"{files[0]}: no tok_embeddings.weight; this is not a Llama checkpoint")
-    return shards
+    for key in shards[0]:
+        pieces = [shard[key] for shard in shards]
+        if len({p.dtype for p in pieces}) > 1 or not _chunked([tuple(p.shape) for p in pieces]):
+            found = ", ".join(f"{tuple(p.shape)} {p.dtype} in {f.name}" for f, p in zip(files, pieces, strict=True))
+            raise CheckpointError(f"{files[0].parent}: the shards' pieces of {key} do not fit together ({found}); "
+                                  "the shards come from different checkpoints")
 
 
-def _merge(name: str, pieces: list[torch.Tensor], width: int, folder: Path) -> torch.Tensor:
+def _chunked(shapes: list[tuple[int, ...]]) -> bool:
+    """Whether these shapes are what torch.chunk makes of one tensor along one dimension (or copies of it)."""
+    if len({len(shape) for shape in shapes}) > 1:
+        return False
+    split = [d for d in range(len(shapes[0])) if len({shape[d] for shape in shapes}) > 1]
+    if not split:
+        return True
+    sizes = [shape[split[0]] for shape in shapes]
+    step = -(-sum(sizes) // len(sizes))  # torch.chunk: equal pieces of ceil(n / N), the last one smaller
+    return len(split) == 1 and sizes == [step] * (len(sizes) - 1) + [sum(sizes) - step * (len(sizes) - 1)]
+
+
+def _shard_count(width: int | None, file: Path, shard: dict[str, torch.Tensor]) -> int | None:
+    """How many pieces the weights were split into: wq's rows are dim (params.json) / shards."""
+    wq = shard.get("layers.0.attention.wq.weight")
+    if not isinstance(width, int) or wq is None or wq.dim() != 2:
+        return None  # the config or the weights are malformed; loading reports it by name
+    if wq.shape[0] == 0 or width % wq.shape[0]:
+        raise CheckpointError(f"{file}: layers.0.attention.wq.weight has {wq.shape[0]} rows, not a whole share of "
+                              f"dim={width} from params.json; params.json describes a different model")
+    return width // wq.shape[0]
+
+
+def _check_distinct(files: list[Path], shards: list[dict[str, torch.Tensor]]) -> None:
+    """No shard is a copy of another: every matrix is split across ranks, so two ranks never hold equal ones."""
+    matrices = sorted((k for k, t in shards[0].items() if t.dim() == 2), key=lambda k: shards[0][k].numel())
+    for i, j in itertools.combinations(range(len(shards)), 2):
+        # smallest first: real shards differ in the first matrix compared, so this reads little
+        if all(torch.equal(shards[i][k], shards[j][k]) for k in matrices):
+            raise CheckpointError(f"{files[j]}: holds the same weights as {files[i].name}, so one is a copy of the "
+                                  "other rather than its own shard; download the checkpoint again")
+
+
+def _merge(name: str, pieces: list[torch.Tensor], width: int) -> torch.Tensor:
     """Concatenate one weight's model-parallel pieces along the dimension Meta split it."""
     if len(pieces) == 1:
         return pieces[0]
@@ -189,14 +240,9 @@ def _merge(name: str, pieces: list[torch.Tensor], width: int, folder: Path) -> t
         dim = 0 if pieces[0].shape[1] == width else 1  # full width: split by vocabulary (Llama 3)
     else:
         dim = ours_to_meta(name)[1]
-    if dim is None:  # replicated (norms): every rank must hold the same tensor
-        if any(p.shape != pieces[0].shape or p.dtype != pieces[0].dtype for p in pieces):
-            raise CheckpointError(f"{folder}: the shards disagree on {name}; they come from different checkpoints")
+    if dim is None:  # replicated (norms): every rank holds the same tensor
         return pieces[0]
-    try:
-        return torch.cat(pieces, dim=dim)
-    except RuntimeError as e:
-        raise CheckpointError(f"{folder}: cannot merge the shards of {name}: {e}") from None
+    return torch.cat(pieces, dim=dim)  # the pieces were checked to fit together
 
 
 def write_meta(folder: Path, config: ModelConfig, state: dict[str, torch.Tensor], shards: int) -> None:
@@ -237,12 +283,21 @@ def _embedding_split(config: ModelConfig, shards: int) -> int:
 def _check_shardable(config: ModelConfig, shards: int) -> None:
     if not isinstance(shards, int) or shards < 1:
         raise CheckpointError(f"the shard count must be a positive integer, got {shards!r}")
-    sizes = {"n_heads": config.n_heads, "n_kv_heads": config.kv_heads, "hidden_dim": config.ffn_hidden_dim,
-             "vocab_size and dim": config.embedding_size(_embedding_split(config, shards))}
-    bad = [f"{k}={v}" for k, v in sizes.items() if v % shards]
-    if bad:
-        raise CheckpointError(f"cannot split this model into {shards} shards: {', '.join(bad)} "
-                              "not divisible; choose a shard count that divides them")
+    undivided = _undivided(config, shards)
+    if undivided:
+        counts = [n for n in range(1, config.kv_heads + 1) if not _undivided(config, n)]
+        raise CheckpointError(f"cannot split this model into {shards} shards: {shards} does not divide "
+                              f"{', '.join(undivided)}; shard counts that divide them all: "
+                              f"{', '.join(map(str, counts))}")
+
+
+def _undivided(config: ModelConfig, shards: int) -> list[str]:
+    """The sizes that `shards` equal model-parallel pieces would need to divide, but does not."""
+    sizes = {"n_heads": config.n_heads, "n_kv_heads": config.kv_heads, "hidden_dim": config.ffn_hidden_dim}
+    undivided = [f"{k}={v}" for k, v in sizes.items() if v % shards]
+    if config.vocab_size % shards and config.dim % shards:  # the embedding splits along either
+        undivided.append(f"vocab_size={config.vocab_size} or dim={config.dim} (the embedding is split along one)")
+    return undivided
 
 
 def params_json(config: ModelConfig) -> dict:

@@ -22,9 +22,11 @@ def download(args: argparse.Namespace) -> None:
 def convert(args: argparse.Namespace) -> None:
     """Convert a checkpoint between formats (the source format is detected)."""
     from llamakit.checkpoint import find_tokenizer, load_model, save_model
+    from llamakit.checkpoint.io import check_separate
 
     if args.shards is not None and args.to != "meta":
         raise LlamakitError("--shards applies to --to meta only (Hugging Face files are split by --max-shard-size)")
+    check_separate(args.src, args.dst)
     tokenizer = args.tokenizer or find_tokenizer(args.src)
     if args.to == "llama2c":
         tokenizer = None  # a llama2.c file has no place for one
@@ -39,21 +41,23 @@ def info(args: argparse.Namespace) -> None:
     """Show a preset's or a checkpoint's configuration, parameter count and memory needs."""
     from llamakit.checkpoint import detect_format, find_tokenizer, load_config
     from llamakit.model import PRESETS, ModelConfig, describe
+    from llamakit.model.config import format_fact
 
     if not Path(args.target).exists() and args.target.lower() not in PRESETS:
         raise LlamakitError(f"{args.target}: no such checkpoint path, and not a preset ({', '.join(PRESETS)})")
     if Path(args.target).exists():
-        config = load_config(args.target)
+        config, tokenizer = load_config(args.target), find_tokenizer(args.target)
         source = {"path": str(args.target), "format": detect_format(args.target),
-                  "tokenizer": str(find_tokenizer(args.target) or "none found")}
+                  "tokenizer": str(tokenizer) if tokenizer else None}
     else:
         config, source = ModelConfig.from_preset(args.target), {"preset": args.target.lower()}
-    facts = {**source, **describe(config)}
-    if args.json:
-        print(json.dumps(facts, indent=2))
+    facts = describe(config)
+    if args.json:  # JSON values: numbers, booleans, null; sizes in bytes
+        print(json.dumps({**source, **facts}, indent=2))
         return
-    width = max(map(len, facts))
-    for key, value in facts.items():
+    table = {**{k: v or "none found" for k, v in source.items()}, **{k: format_fact(k, v) for k, v in facts.items()}}
+    width = max(map(len, table))
+    for key, value in table.items():
         print(f"{key:<{width}}  {value}")
 
 

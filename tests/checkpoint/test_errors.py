@@ -8,7 +8,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from llamakit import ModelConfig, Transformer, load_model, save_model
-from llamakit.checkpoint import load_checkpoint
+from llamakit.checkpoint import load_checkpoint, load_config
 from llamakit.errors import CheckpointError, TokenizerError
 
 
@@ -83,11 +83,51 @@ def test_unsupported_architectures(folder):
         load_model(folder)
 
 
-def test_meta_missing_shard(tmp_path, folder):
-    save_model(load_model(folder), tmp_path / "meta", "meta", shards=2)
-    (tmp_path / "meta" / "consolidated.00.pth").unlink()
-    with pytest.raises(CheckpointError, match="a shard is missing"):
-        load_model(tmp_path / "meta")
+def _meta_shards(folder, out, shards):
+    return save_model(load_model(folder), out, "meta", shards=shards)
+
+
+@pytest.mark.parametrize("shards, damage, message", [
+    (2, {"00": None}, r"consolidated\.00\.pth is missing \(the weights are split into 2 shards\)"),
+    (2, {"01": None}, r"consolidated\.01\.pth is missing \(the weights are split into 2 shards\)"),
+    (4, {"01": None, "03": None}, r"consolidated\.01\.pth, consolidated\.03\.pth are missing"),
+    (2, {"01": "00"}, r"consolidated\.01\.pth: holds the same weights as consolidated\.00\.pth"),
+    (4, {"03": "01"}, r"consolidated\.03\.pth: holds the same weights as consolidated\.01\.pth"),
+    (2, {"02": "01"}, r"consolidated\.02\.pth not part of this checkpoint, whose weights are split into 2 shards"),
+    (2, {"01": "4:01"}, r"pieces of tok_embeddings\.weight do not fit together \(\(512, 16\) torch\.float32 in "
+                        r"consolidated\.00\.pth, \(512, 8\) torch\.float32 in consolidated\.01\.pth\)"),
+])
+def test_meta_shards_missing_copied_or_mixed(tmp_path, folder, shards, damage, message):
+    """A shard deleted, copied over another, or taken from another split is named, not blamed on the config."""
+    meta, other = _meta_shards(folder, tmp_path / "meta", shards), _meta_shards(folder, tmp_path / "other", 4)
+    for rank, source in damage.items():
+        target = meta / f"consolidated.{rank}.pth"
+        if source is None:
+            target.unlink()
+        else:
+            home, _, source = source.rpartition(":")
+            shutil.copy((other if home else meta) / f"consolidated.{source}.pth", target)
+    for read in (load_model, load_config):
+        with pytest.raises(CheckpointError, match=message):
+            read(meta)
+
+
+def test_meta_shards_that_do_not_fit_params_json(tmp_path, folder):
+    meta = _meta_shards(folder, tmp_path / "meta", 2)
+    params = json.loads((meta / "params.json").read_text())
+    (meta / "params.json").write_text(json.dumps({**params, "dim": 40}))
+    with pytest.raises(CheckpointError, match=r"wq\.weight has 16 rows, not a whole share of dim=40 from params"):
+        load_model(meta)
+
+
+def test_meta_shard_count_that_does_not_divide_names_the_sizes(tmp_path):
+    model = Transformer(ModelConfig(dim=64, n_layers=1, n_heads=8, n_kv_heads=4, vocab_size=512, hidden_dim=96))
+    with pytest.raises(CheckpointError) as error:
+        save_model(model, tmp_path / "m", "meta", shards=3)
+    assert str(error.value) == (
+        "cannot split this model into 3 shards: 3 does not divide n_heads=8, n_kv_heads=4, vocab_size=512 or "
+        "dim=64 (the embedding is split along one); shard counts that divide them all: 1, 2, 4")
+    assert not (tmp_path / "m").exists()
 
 
 def test_pickled_objects_are_refused(tmp_path, folder):
