@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from llamakit.cli.argtypes import positive_int
+from llamakit.cli.argtypes import context_window, positive_int
 from llamakit.cli.inference import add_model_options
 from llamakit.errors import LlamakitError
 
@@ -19,25 +19,29 @@ def evaluate(args: argparse.Namespace) -> None:
 
     paths = _task_paths(args)  # every name and file checked before the model loads
     model, tokenizer, loaded = _load(args)
-    window = args.max_seq_len or model.config.max_seq_len
+    trained = model.config.max_seq_len
+    window = context_window(args.max_seq_len, trained, "--max-seq-len", args.extend_context)
     opts = EvalOptions(window, args.batch_size, args.limit, args.num_fewshot, args.stride, not args.no_progress)
+    text_window = context_window(args.window, trained, "--window", args.extend_context, default=window)
     runners = []
     for name, path in paths.items():
-        task_opts = opts if name != "perplexity" else EvalOptions(args.window or window, args.batch_size,
-                                                                 stride=args.stride, progress=opts.progress)
+        task_opts = opts if name != "perplexity" else EvalOptions(text_window, args.batch_size, stride=args.stride,
+                                                                 progress=opts.progress)
         runners.append((name, prepare(name, path, tokenizer, task_opts)))
     torch.manual_seed(args.seed)  # scoring and greedy answers are deterministic; recorded for reproducibility
     settings = {**loaded, "tasks": list(paths), "seed": args.seed}
     log = RunLog(run_settings(opts, **settings), args.output)
     try:
-        results = run_tasks(model, runners, log)
+        run_tasks(model, runners, log)
     except LlamakitError as e:
         if args.output and log.results:
             raise LlamakitError(f"{e} (the finished tasks are saved in {args.output})") from None
         raise
-    print(format_table(results))
-    if args.output:
-        print(f"results and per-example records: {args.output}")
+    finally:  # after a failure or Ctrl-C too: the finished tasks' table; the error line follows on stderr
+        if log.results:
+            print(format_table(log.results))
+            if args.output:
+                print(f"results and per-example records: {args.output}")
 
 
 def _task_paths(args: argparse.Namespace) -> dict[str, Path]:
@@ -65,14 +69,12 @@ def _task_paths(args: argparse.Namespace) -> dict[str, Path]:
 
 def _load(args: argparse.Namespace):
     """Model and tokenizer on the chosen device, and the facts that identify them (paths, sha256, dtype)."""
-    import torch
-
     from llamakit import __version__
     from llamakit.checkpoint import find_tokenizer, load_checkpoint
     from llamakit.eval.readers import sha256_of
-    from llamakit.generate.meta_api import default_device, default_dtype
+    from llamakit.runtime import default_dtype, resolve_device
 
-    device = torch.device(args.device) if args.device else default_device()
+    device = resolve_device(args.device, "--device")
     dtype = args.dtype or default_dtype(device)
     model, tokenizer = load_checkpoint(args.checkpoint, args.tokenizer, dtype, device, adapter=args.adapter)
     checkpoint = Path(args.checkpoint)

@@ -4,7 +4,7 @@ lm_eval finds models in its registry, which only holds classes that were importe
 this module (it registers the model, then hands the command line to lm_eval's own CLI):
 
     python -m llamakit.eval.harness --model llamakit \\
-        --model_args checkpoint=CKPT,tokenizer=TOK.model[,dtype=fp32,max_length=N,adapter=DIR] \\
+        --model_args checkpoint=CKPT,tokenizer=TOK.model[,dtype=fp32,max_length=N,extend_context=true,adapter=DIR] \\
         --tasks hellaswag --batch_size 16 [--include_path my_tasks/] [any other lm_eval option]
 
 or from Python: `import llamakit.eval.harness` and then `lm_eval.simple_evaluate(model="llamakit", ...)`.
@@ -25,7 +25,8 @@ from tqdm.auto import tqdm
 from llamakit.checkpoint import load_checkpoint
 from llamakit.eval.perplexity import perplexity_of_ids
 from llamakit.eval.scoring import encode_pair, greedy_answers, score_pairs
-from llamakit.generate.meta_api import default_device, default_dtype
+from llamakit.generate.decode import check_context
+from llamakit.runtime import default_device, default_dtype, resolve_device
 
 log = logging.getLogger(__name__)
 DEFAULT_BATCH_SIZE = 16
@@ -38,7 +39,7 @@ class LlamakitLM(LM):
 
     def __init__(self, checkpoint: str, tokenizer: str | None = None, device: str | None = None,
                  dtype: str | None = None, batch_size: int | str | None = None, max_length: int | str | None = None,
-                 adapter: str | None = None, **unused):
+                 adapter: str | None = None, extend_context: bool | str = False, **unused):
         super().__init__()
         if unused:
             log.info("ignoring lm_eval options %s", sorted(unused))
@@ -46,7 +47,10 @@ class LlamakitLM(LM):
         self.model, self.tokenizer = load_checkpoint(checkpoint, tokenizer, dtype or default_dtype(self._device),
                                                      self._device, adapter=adapter)
         self.batch_size = int(batch_size) if str(batch_size or "").isdigit() else DEFAULT_BATCH_SIZE  # "auto": ours
-        self.max_length = int(max_length) if max_length else self.model.config.max_seq_len
+        trained = self.model.config.max_seq_len
+        self.max_length = int(max_length) if max_length else trained
+        check_context(self.max_length, trained, f"max_length {self.max_length}", "add extend_context=true",
+                      str(extend_context).lower() == "true")
 
     def loglikelihood(self, requests, disable_tqdm: bool = False) -> list[tuple[float, bool]]:
         """(log p(continuation | context), whether greedy decoding gives it) per (context, continuation) request."""
@@ -85,11 +89,10 @@ class LlamakitLM(LM):
 
 def _device(name: str | None) -> torch.device:
     """The device asked for; lm_eval asks for cuda by default, so without CUDA that means the CPU."""
-    if not name or (name.startswith("cuda") and not torch.cuda.is_available()):
-        if name:
-            log.warning("CUDA is not available; evaluating on %s", default_device())
+    if name and name.startswith("cuda") and not torch.cuda.is_available():
+        log.warning("CUDA is not available; evaluating on %s", default_device())
         return default_device()
-    return torch.device(name)
+    return resolve_device(name, "device")
 
 
 def _args(requests) -> list[tuple]:

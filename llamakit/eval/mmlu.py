@@ -98,7 +98,8 @@ def load_examples(tokenizer: Tokenizer, folder: Path, n_shot: int, window: int, 
         shots = _dev_shots(folder, subject, n_shot)
         for i, q in enumerate(test):
             text, k = fitted_prompt(tokenizer, subject, shots, q, window)
-            examples.append(MCExample(f"{subject}/{i}", tuple((text, " " + letter) for letter in LETTERS), q.answer))
+            examples.append(MCExample(f"{subject}/{i}", tuple((text, " " + letter) for letter in LETTERS), q.answer,
+                                      tuple(LETTERS)))
             meta.append((subject, k))
     return examples, meta
 
@@ -128,7 +129,7 @@ def score_mmlu(model: Transformer, tokenizer: Tokenizer, folder: Path, examples:
     by_subject: dict[str, list[int]] = {}
     for record, (subject, k) in zip(records, meta):
         record.update(subject=subject, n_shot=k)
-        for key in ("pred_norm", "acc_norm", "n_bytes"):  # every candidate is 2 bytes: acc_norm is acc
+        for key in ("pred_norm", "acc_norm", "n_chars"):  # every answer is one letter: acc_norm is acc
             del record[key]
         by_subject.setdefault(subject, []).append(record["acc"])
     details = {s: {"acc": sum(hits) / len(hits), "n": len(hits)} for s, hits in by_subject.items()}

@@ -11,9 +11,9 @@ from llamakit.eval.tasks import MCExample
 from llamakit.model import Transformer
 from llamakit.tokenizer import Tokenizer
 
-ACC_NORM = ("acc_norm picks the highest sum of continuation token log-probabilities divided by the continuation's "
-            "length in UTF-8 bytes, its leading space included (lm-evaluation-harness divides by characters: the "
-            "same for ASCII text)")
+ACC_NORM = ("acc_norm picks the highest sum of continuation token log-probabilities divided by the length in "
+            "characters of the candidate's answer, the space before it excluded (lm-evaluation-harness 0.4's rule: "
+            "len() of its choice string; WinoGrande's choice is the sentence up to the blank with the option)")
 
 
 @dataclass
@@ -56,11 +56,12 @@ def score_examples(model: Transformer, tokenizer: Tokenizer, examples: Sequence[
     for ex in examples:
         mine, at = scores[at:at + len(ex.choices)], at + len(ex.choices)
         logprobs = [s.logprob for s in mine]
-        n_bytes = [len(continuation.encode("utf-8")) for _, continuation in ex.choices]
-        pred, pred_norm = argmax(logprobs), argmax([lp / n for lp, n in zip(logprobs, n_bytes)])
+        n_chars = [len(answer) for answer in ex.answers]
+        normed = [lp / n if n else -math.inf for lp, n in zip(logprobs, n_chars)]  # an empty answer: lm-eval's -inf
+        pred, pred_norm = argmax(logprobs), argmax(normed)
         records.append({"id": ex.id, "gold": ex.gold, "pred": pred, "pred_norm": pred_norm,
                         "acc": int(pred == ex.gold), "acc_norm": int(pred_norm == ex.gold),
-                        "logprobs": logprobs, "n_bytes": n_bytes, "n_tokens": [s.n_tokens for s in mine],
+                        "logprobs": logprobs, "n_chars": n_chars, "n_tokens": [s.n_tokens for s in mine],
                         "is_greedy": [s.is_greedy for s in mine], "truncated_tokens": max(s.truncated for s in mine)})
     return records
 

@@ -10,8 +10,9 @@ from pathlib import Path
 
 from llamakit.eval.multiple_choice import TaskResult
 
-FORMAT_VERSION = 1
-_HEADLINE = ("acc", "acc_norm", "acc_macro", "em", "token_perplexity", "bits_per_byte")
+FORMAT_VERSION = 2  # 2: per-task status (and error), records count n_chars (lm-eval's acc_norm) not n_bytes
+_HEADLINE = ("acc", "acc_norm", "acc_macro", "em", "token_perplexity", "byte_perplexity", "bits_per_byte")
+_COUNT = {"token_perplexity": "tokens", "byte_perplexity": "bytes", "bits_per_byte": "bytes"}  # the n of a metric
 
 
 class RunLog:
@@ -28,16 +29,20 @@ class RunLog:
     def add(self, result: TaskResult) -> None:
         """Record a finished task and write the file at once."""
         self.results.append(result)
-        self.data["results"][result.name] = {"metrics": result.metrics, "settings": result.settings,
+        self.data["results"][result.name] = {"status": "complete", "metrics": result.metrics, "settings": result.settings,
                                              **({"subjects": result.details} if result.details else {}),
                                              "examples": result.records}
         self.save()
 
-    def finish(self, error: str | None = None) -> None:
-        """Mark the run complete, or failed with the error that stopped it (finished tasks stay)."""
-        self.data["status"] = "complete" if error is None else "failed"
-        if error is not None:
-            self.data["error"] = error
+    def fail(self, name: str, error: str) -> None:
+        """Record the task that stopped the run (`status: failed` and the error) and mark the run failed;
+        the finished tasks stay."""
+        self.data["results"][name] = {"status": "failed", "error": error}
+        self.finish(failed=True)
+
+    def finish(self, failed: bool = False) -> None:
+        """Mark the run complete (or failed) and write the file."""
+        self.data["status"] = "failed" if failed else "complete"
         self.data["finished"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
         self.save()
 
@@ -74,7 +79,7 @@ def format_table(results: list[TaskResult]) -> str:
         for key in (k for k in _HEADLINE if k in m):
             stderr = m.get(f"{key}_stderr")
             rows.append((result.name, key, _cell(m[key]), "" if stderr is None else _cell(stderr),
-                         str(m.get("n", m.get("tokens", "")))))
+                         str(m.get(_COUNT.get(key, "n"), ""))))
         for subject, d in sorted(result.details.items()):
             rows.append((f"  {subject}", "acc", _cell(d["acc"]), "", str(d["n"])))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]

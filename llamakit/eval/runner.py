@@ -122,13 +122,16 @@ def run_settings(opts: EvalOptions, **extra) -> dict:
 
 
 def run_tasks(model: Transformer, runners: Sequence[tuple[str, Runner]], log: RunLog) -> list[TaskResult]:
-    """Score each prepared task and add it to the log as it finishes; on any failure the log keeps the
-    finished tasks, says what stopped the run, and the error propagates."""
+    """Score each prepared task and add it to the log as it finishes; on any failure (or Ctrl-C) the log keeps
+    the finished tasks, records the one that stopped with `status: failed` and the error, and the error propagates."""
     for name, runner in runners:
         try:
             log.add(runner(model))
+        except KeyboardInterrupt:
+            log.fail(name, "interrupted")
+            raise
         except BaseException as e:
-            log.finish(f"{name}: {e}" if str(e) else f"{name}: {type(e).__name__}")
+            log.fail(name, str(e) or type(e).__name__)
             raise
     log.finish()
     return log.results

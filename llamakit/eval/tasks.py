@@ -23,6 +23,7 @@ class MCExample:
     id: str
     choices: tuple[tuple[str, str], ...]
     gold: int
+    answers: tuple[str, ...]  # each candidate as lm-evaluation-harness's doc_to_choice has it: acc_norm's length
 
 
 @dataclass(frozen=True)
@@ -37,9 +38,10 @@ class MCTask:
     load: Callable[[Path], list[MCExample]]
 
 
-def _shared(context: str, endings: list[str]) -> tuple[tuple[str, str], ...]:
-    """Candidates that share one context; each ending follows it after a space."""
-    return tuple((context, " " + ending) for ending in endings)
+def _shared(id: str, context: str, endings: list[str], gold: int) -> MCExample:
+    """An example whose candidates share one context; each ending follows it after a space (lm-eval's
+    target_delimiter), and the ending without that space is the candidate's answer."""
+    return MCExample(id, tuple((context, " " + ending) for ending in endings), gold, tuple(endings))
 
 
 def _gold(value, count: int, where: str, first: int = 0) -> int:
@@ -68,7 +70,7 @@ def hellaswag_row(row: dict, where: str) -> MCExample:
     context = field(row, "ctx_a", where) + " " + field(row, "ctx_b", where, empty_ok=True).capitalize()
     query = hellaswag_preprocess(field(row, "activity_label", where) + ": " + context)
     gold = _gold(field(row, "label", where, (int, str)), 4, where)
-    return MCExample(str(row.get("ind", where)), _shared(query, [hellaswag_preprocess(e) for e in endings]), gold)
+    return _shared(str(row.get("ind", where)), query, [hellaswag_preprocess(e) for e in endings], gold)
 
 
 def load_hellaswag(path: Path) -> list[MCExample]:
@@ -83,7 +85,7 @@ def load_hellaswag(path: Path) -> list[MCExample]:
     for start in range(0, len(lines), 6):
         context, label, *endings = lines[start:start + 6]
         gold = _gold(label, 4, f"{path}:{start + 2}")
-        examples.append(MCExample(str(start // 6), _shared(context, endings), gold))
+        examples.append(_shared(str(start // 6), context, endings, gold))
     return examples
 
 
@@ -109,7 +111,7 @@ def load_piqa(path: Path) -> list[MCExample]:
         where = f"{path}:{n}"
         context = f"Question: {field(row, 'goal', where)}\nAnswer:"
         solutions = [field(row, "sol1", where), field(row, "sol2", where)]
-        examples.append(MCExample(str(n), _shared(context, solutions), _gold(label, 2, where)))
+        examples.append(_shared(str(n), context, solutions, _gold(label, 2, where)))
     return examples
 
 
@@ -122,7 +124,7 @@ def load_siqa(path: Path) -> list[MCExample]:
         where = f"{path}:{n}"
         context = f"Q: {field(row, 'context', where)} {field(row, 'question', where)}\nA:"
         answers = [field(row, f"answer{letter}", where) for letter in "ABC"]
-        examples.append(MCExample(str(n), _shared(context, answers), _gold(label, 3, where, first=1)))
+        examples.append(_shared(str(n), context, answers, _gold(label, 3, where, first=1)))
     return examples
 
 
@@ -142,8 +144,7 @@ def _ai2_rows(path: Path, template: str) -> list[MCExample]:
         if key not in labels:
             raise EvalError(f"{where}: answerKey {key!r} is not one of the choice labels {labels}")
         context = template.format(stem=field(question, "stem", where))
-        examples.append(MCExample(str(row.get("id", n)), _shared(context, [str(c["text"]) for c in choices]),
-                                  labels.index(key)))
+        examples.append(_shared(str(row.get("id", n)), context, [str(c["text"]) for c in choices], labels.index(key)))
     return examples
 
 
@@ -166,7 +167,7 @@ def load_boolq(path: Path) -> list[MCExample]:
         where = f"{path}:{n}"
         context = f"{field(row, 'passage', where)}\nQuestion: {field(row, 'question', where)}?\nAnswer:"
         answer = field(row, "answer", where, bool)
-        examples.append(MCExample(str(n), _shared(context, ["no", "yes"]), int(answer)))
+        examples.append(_shared(str(n), context, ["no", "yes"], int(answer)))
     return examples
 
 
@@ -174,7 +175,7 @@ def load_winogrande(path: Path) -> list[MCExample]:
     """Official WinoGrande: {sentence with one '_', option1, option2, answer '1'/'2'}.
 
     Partial scoring: each option fills the blank to make a context, and the likelihood of the rest of
-    the sentence (the same for both) decides.
+    the sentence (the same for both) decides. As in lm-eval, a candidate's answer is its context.
     """
     examples = []
     for n, row in read_jsonl(path):
@@ -186,7 +187,8 @@ def load_winogrande(path: Path) -> list[MCExample]:
         rest = " " + sentence[blank + 1:].strip()
         options = [field(row, "option1", where), field(row, "option2", where)]
         gold = _gold(field(row, "answer", where, (str, int)), 2, where, first=1)
-        examples.append(MCExample(str(row.get("qID", n)), tuple((sentence[:blank] + o, rest) for o in options), gold))
+        contexts = tuple(sentence[:blank] + o for o in options)
+        examples.append(MCExample(str(row.get("qID", n)), tuple((c, rest) for c in contexts), gold, contexts))
     return examples
 
 

@@ -7,7 +7,10 @@ import sys
 import pytest
 import torch
 
-from llamakit.eval import encode_pair, text_perplexity
+from llamakit.errors import LlamakitError
+from llamakit.eval import encode_pair, score_examples, text_perplexity
+from llamakit.eval.readers import read_lines
+from llamakit.eval.tasks import load_hellaswag, load_winogrande
 from tests.eval.conftest import hf_score
 
 lm_eval = pytest.importorskip("lm_eval")
@@ -27,6 +30,27 @@ doc_to_choice: "{{{{choices}}}}"
 doc_to_target: "{{{{label}}}}"
 metric_list:
   - metric: acc
+    aggregation: mean
+    higher_is_better: true
+metadata:
+  version: 1.0
+"""
+# lm-eval 0.4's hellaswag.yaml on rows its process_docs has already cleaned (the text form is cleaned)
+HELLASWAG_YAML = """task: llamakit_hellaswag
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    validation: {data}
+validation_split: validation
+output_type: multiple_choice
+doc_to_text: "{{{{query}}}}"
+doc_to_target: "{{{{label}}}}"
+doc_to_choice: "choices"
+metric_list:
+  - metric: acc
+    aggregation: mean
+    higher_is_better: true
+  - metric: acc_norm
     aggregation: mean
     higher_is_better: true
 metadata:
@@ -112,3 +136,54 @@ def test_importing_llamakit_does_not_need_lm_eval():
             "print('lm_eval' in sys.modules and sys.modules['lm_eval'] is not None)")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 0 and result.stdout.strip() == "False", result.stderr
+
+
+def test_acc_norm_is_lm_evals_on_real_hellaswag(assets, stories, tmp_path, monkeypatch_module):
+    """lm_eval's own request building and process_results, fed llamakit's log-likelihoods, pick what llamakit picks."""
+    from lm_eval.tasks import TaskManager, get_task_dict
+
+    model, tokenizer = stories
+    path = assets / "eval" / "hellaswag" / "hellaswag_val_full.txt.bz2"
+    lines = read_lines(path)[:60]  # 10 examples of 6 lines: context, label, four endings
+    rows = [{"query": lines[i], "label": lines[i + 1], "choices": lines[i + 2:i + 6]} for i in range(0, 60, 6)]
+    (tmp_path / "hellaswag.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "hellaswag.yaml").write_text(HELLASWAG_YAML.format(data=tmp_path / "hellaswag.jsonl"))
+    task = get_task_dict(["llamakit_hellaswag"], TaskManager(include_path=str(tmp_path)))["llamakit_hellaswag"]
+    examples = load_hellaswag(path)[:10]
+    records = score_examples(model, tokenizer, examples, window=512, batch_size=8)
+    old_rule = []  # llamakit's former acc_norm: divided by UTF-8 bytes, leading space included
+    for doc, example, record in zip(task.validation_docs(), examples, records):
+        requests = task.construct_requests(doc, task.fewshot_context(doc, num_fewshot=0))
+        assert [r.args for r in requests] == list(example.choices)  # the same (context, continuation) pairs
+        results = list(zip(record["logprobs"], record["is_greedy"]))
+        assert task.process_results(doc, results) == {"acc": record["acc"], "acc_norm": record["acc_norm"]}
+        lm_eval_pick = [j for j in range(4) if task.process_results({**doc, "label": str(j)}, results)["acc_norm"]]
+        assert lm_eval_pick == [record["pred_norm"]]
+        by_bytes = [lp / len(c.encode()) for lp, (_, c) in zip(record["logprobs"], example.choices)]
+        old_rule.append(max(range(4), key=by_bytes.__getitem__))
+    # the two rules disagree on real examples (all ASCII): example 8, where only lm-eval's rule finds the gold ending
+    assert all(ch.isascii() for ex in examples for _, c in ex.choices for ch in c)
+    assert [i for i, r in enumerate(records) if r["pred_norm"] != old_rule[i]] == [8]
+    assert records[8]["acc_norm"] == 1 and old_rule[8] != examples[8].gold
+
+
+def test_winogrande_answers_are_lm_evals_choices(tmp_path):
+    from lm_eval.tasks.winogrande import preprocess_winogrande
+
+    row = {"qID": "q1", "sentence": "The trophy didn't fit in the suitcase because the _ was too big.",
+           "option1": "trophy", "option2": "suitcase", "answer": "1"}
+    (tmp_path / "dev.jsonl").write_text(json.dumps(row) + "\n")
+    [example] = load_winogrande(tmp_path / "dev.jsonl")
+    assert list(example.answers) == preprocess_winogrande.doc_to_choice(row)
+    assert example.choices[0][1] == " " + preprocess_winogrande.doc_to_target(row)
+
+
+def test_max_length_beyond_the_models_context(assets, caplog):
+    from llamakit.eval.harness import LlamakitLM
+
+    tiny = assets / "tinyllamas"
+    with pytest.raises(LlamakitError, match="max_length 100000 is beyond the model's 512-token context"):
+        LlamakitLM(str(tiny / "stories260K.bin"), str(tiny / "tok512.model"), max_length="100000")
+    lm = LlamakitLM(str(tiny / "stories260K.bin"), str(tiny / "tok512.model"), max_length=1024, extend_context=True)
+    assert lm.max_length == 1024 and "beyond the model's 512-token context" in caplog.text
+    assert LlamakitLM(str(tiny / "stories260K.bin"), str(tiny / "tok512.model"), max_length=256).max_length == 256

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from llamakit.eval import RunLog, TaskResult, format_table, run_tasks
+from llamakit.eval import Perplexity, RunLog, TaskResult, format_table, run_tasks
 
 
 def result(name, acc):
@@ -25,8 +25,9 @@ def test_interrupt_keeps_finished_tasks(tmp_path):
         run_tasks(None, [("piqa", lambda model: result("piqa", 0.5)), ("boolq", interrupted),
                          ("arc_easy", lambda model: result("arc_easy", 1.0))], log)
     data = json.loads(path.read_text())
-    assert data["status"] == "failed" and data["error"] == "boolq: KeyboardInterrupt"
-    assert data["results"]["piqa"]["metrics"]["acc"] == 0.5 and "arc_easy" not in data["results"]
+    assert data["status"] == "failed" and data["results"]["boolq"] == {"status": "failed", "error": "interrupted"}
+    assert data["results"]["piqa"]["metrics"]["acc"] == 0.5 and data["results"]["piqa"]["status"] == "complete"
+    assert "arc_easy" not in data["results"]
     assert [p.name for p in path.parent.iterdir()] == ["results.json"]  # no temporary files left
 
 
@@ -35,3 +36,11 @@ def test_table():
     assert table[0].split() == ["task", "metric", "value", "±", "stderr", "n"] and set(table[1]) == {"-"}
     assert table[2].split() == ["piqa", "acc", "0.5000", "0.1000", "4"]
     assert table[5].split() == ["winogrande", "acc_norm", "0.2500", "4"]
+
+
+def test_perplexity_table_shows_each_metric_with_its_count():
+    result = TaskResult("perplexity", Perplexity(nll=2000.0, tokens=1000, bytes=4000, windows=2).as_dict(), {})
+    rows = [line.split() for line in format_table([result]).splitlines()[2:]]
+    assert rows == [["perplexity", "token_perplexity", "7.3891", "1000"],
+                    ["perplexity", "byte_perplexity", "1.6487", "4000"],
+                    ["perplexity", "bits_per_byte", "0.7213", "4000"]]

@@ -32,7 +32,8 @@ def test_per_example_logprobs_and_choices_equal_transformers(task, real_examples
         assert record["logprobs"] == pytest.approx([lp for lp, _ in reference], abs=1e-4)
         assert record["is_greedy"] == [greedy for _, greedy in reference]
         expected = max(range(len(reference)), key=lambda i: reference[i][0])
-        expected_norm = max(range(len(reference)), key=lambda i: reference[i][0] / record["n_bytes"][i])
+        assert record["n_chars"] == [len(continuation) - 1 for _, continuation in example.choices]  # no space
+        expected_norm = max(range(len(reference)), key=lambda i: reference[i][0] / record["n_chars"][i])
         assert (record["pred"], record["pred_norm"]) == (expected, expected_norm)
         assert record["acc"] == int(expected == example.gold)
 

@@ -96,6 +96,7 @@ AI2 = {"id": "Mercury_1", "question": {"stem": "Which is a gas?", "choices": [
 def test_arc_and_openbookqa(tmp_path):
     [arc] = load_arc(jsonl(tmp_path / "ARC-Easy-Test.jsonl", [AI2]))
     assert arc.gold == 1 and arc.choices[1] == ("Question: Which is a gas?\nAnswer:", " steam") and arc.id == "Mercury_1"
+    assert arc.answers == ("ice", "steam", "rock")  # lm-eval's choices: acc_norm divides by their lengths
     [obqa] = load_openbookqa(jsonl(tmp_path / "test.jsonl", [AI2]))
     assert obqa.choices[2] == ("Which is a gas?", " rock")
     with pytest.raises(EvalError, match=r"test.jsonl:2: answerKey 'E' is not one of"):
@@ -108,6 +109,7 @@ def test_boolq(tmp_path):
     assert example.gold == 1
     assert example.choices == (("Water is a liquid.\nQuestion: is water wet?\nAnswer:", " no"),
                                ("Water is a liquid.\nQuestion: is water wet?\nAnswer:", " yes"))
+    assert example.answers == ("no", "yes")
     with pytest.raises(EvalError, match=r"dev.jsonl:1: field 'answer' should be a non-empty bool"):
         load_boolq(jsonl(tmp_path / "dev.jsonl", [{**row, "answer": "yes"}]))
 
