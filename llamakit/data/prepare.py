@@ -34,6 +34,7 @@ from llamakit.data.clean import FILTER_NAMES, FilterConfig, LanguageFilter, norm
 from llamakit.data.dedup import DedupConfig, Removed, remove_exact_duplicates, remove_near_duplicates
 from llamakit.data.sources import input_fingerprint, read_documents, resolve_inputs
 from llamakit.errors import DataError
+from llamakit.runtime import process_running
 from llamakit.tokenizer import load_tokenizer
 
 logger = logging.getLogger(__name__)
@@ -226,22 +227,9 @@ def _remove_stale_temporaries(output: Path) -> None:
     """Remove the .NAME.tmp-PID / .NAME.old-PID folders that runs killed outright (SIGKILL) left beside output."""
     for path in output.parent.glob(f".{glob.escape(output.name)}.*-*"):
         kind, _, pid = path.name[len(output.name) + 2:].partition("-")
-        if kind in ("tmp", "old") and pid.isdigit() and not _alive(int(pid)):
+        if kind in ("tmp", "old") and pid.isdigit() and not process_running(int(pid)):
             logger.info("removing %s, left by a run that was killed", path)
             shutil.rmtree(path, ignore_errors=True)
-
-
-def _alive(pid: int) -> bool:
-    """Whether process pid exists (assumed where it cannot be probed)."""
-    if os.name == "nt":  # os.kill would terminate the process there, not probe it
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except OSError:
-        pass  # e.g. another user's process
-    return True
 
 
 # --- cleaning -----------------------------------------------------------------------------------------

@@ -20,6 +20,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from llamakit.errors import ConfigError
+from llamakit.runtime import resolve_device
 from llamakit.train.config import TrainSection
 
 log = logging.getLogger(__name__)
@@ -43,12 +44,8 @@ def init_processes(device: str = "auto") -> Processes:
     """Join the torchrun job if there is one (NCCL on CUDA, gloo on CPU) and pick this process's device."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    dev = torch.device(device)
+    dev = resolve_device(device, "train.device")
     if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ConfigError("train.device=cuda but no CUDA device is visible; use train.device=cpu")
         dev = torch.device("cuda", local_rank if dev.index is None else dev.index)
         torch.cuda.set_device(dev)
     if world_size > 1 and not dist.is_initialized():
