@@ -20,5 +20,4 @@ echo "== 3/4 pretrain: a small Llama with the LLaMA recipe (AdamW 0.9/0.95, wd 0
 llamakit pretrain configs/pretrain/demo.yaml --data.path "$OUT/data" --checkpoint.out_dir "$OUT/model" --resume
 
 echo "== 4/4 generate: a sample from the trained model"
-printf '%s' "$PROMPT"  # generate prints the continuation; show the prompt it continues
 llamakit generate --checkpoint "$OUT/model/final" --temperature 0.7 --max-new-tokens 200 --seed 0 "$PROMPT"

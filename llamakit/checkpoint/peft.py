@@ -3,7 +3,8 @@
 `peft.PeftModel.from_pretrained` loads them onto the Hugging Face version of the base model, and we load
 adapters PEFT wrote. LoRA keys are our module names under `base_model.model.model.`; prefix and prompt
 tuning store one `prompt_embeddings` matrix. The safetensors metadata records the base's shape, so an
-adapter cannot be loaded onto a different model by mistake.
+adapter cannot be loaded onto a different model by mistake, and the prompt format it was tuned with (alpaca,
+llama2, llama3), so chat prompts as it learned.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from torch import nn
 from llamakit.checkpoint.io import atomic_directory, read_json, write_json
 from llamakit.errors import CheckpointError
 from llamakit.model import Transformer
+from llamakit.model.config import CHAT_FORMATS
 from llamakit.model.llama import apply_rope, rope_cos_sin
 from llamakit.model.lora import LoRAConfig, apply_lora, lora_modules
 from llamakit.model.prefix import PrefixConfig, PrefixKV, apply_prefix_tuning, apply_prompt_tuning
@@ -27,6 +29,7 @@ CONFIG, WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
 LORA_PREFIX = "base_model.model.model."  # PeftModel > LlamaForCausalLM > LlamaModel
 BASE_FIELDS = ("dim", "n_layers", "n_heads", "n_kv_heads", "hidden_dim", "vocab_size")
 METHODS = {"LORA": "lora", "PREFIX_TUNING": "prefix", "PROMPT_TUNING": "prompt"}
+CHAT_FORMAT = "llamakit_chat_format"  # metadata: the model's chat_format while it was tuned (llama2, llama3, alpaca)
 
 
 def adapter_method(model: nn.Module) -> str | None:
@@ -54,8 +57,11 @@ def write_adapter(folder: Path, model: Transformer, method_cfg: LoRAConfig | Pre
     """Write adapter files into an existing folder; state holds the adapter tensors under our names."""
     config = _peft_config(model, adapter_method(model), method_cfg, base)
     tensors = {k: v.detach().float().cpu().contiguous() for k, v in to_peft(state, model).items()}
+    metadata = {"format": "pt", "llamakit_base": json.dumps(_base(model))}
+    if model.config.chat_format:
+        metadata[CHAT_FORMAT] = model.config.chat_format
     write_json(folder / CONFIG, config)
-    save_file(tensors, folder / WEIGHTS, metadata={"format": "pt", "llamakit_base": json.dumps(_base(model))})
+    save_file(tensors, folder / WEIGHTS, metadata=metadata)
 
 
 def _peft_config(model: Transformer, method: str | None, cfg, base: str | None) -> dict:
@@ -145,10 +151,11 @@ def _prefix_from_peft(model: Transformer, matrix: torch.Tensor) -> dict[str, tor
 
 
 def load_adapter(model: Transformer, folder: str | Path) -> str:
-    """Apply the adapter in folder (PEFT format) to model, in eval mode; returns lora, prefix or prompt."""
+    """Apply the adapter in folder (PEFT format) to model, in eval mode, with the chat format it was tuned with
+    (when recorded) as the model's; returns lora, prefix or prompt."""
     folder = Path(folder)
     config = _read_config(folder)
-    state, base = _read_weights(folder)
+    state, base, chat_format = _read_weights(folder)
     if base is not None and base != _base(model):
         diff = ", ".join(f"{k}={base[k]} (this model: {v})" for k, v in _base(model).items() if base.get(k) != v)
         raise CheckpointError(f"{folder}: this adapter was trained on a different base model ({diff}); load it "
@@ -157,6 +164,8 @@ def load_adapter(model: Transformer, folder: str | Path) -> str:
     _apply(model, method, config, folder)
     with torch.no_grad():
         model.load_state_dict(read_adapter_weights(folder, model), strict=False)
+    if chat_format:
+        model.config = model.config.replace(chat_format=chat_format)
     model.eval()
     return method
 
@@ -187,14 +196,19 @@ def _read_config(folder: Path) -> dict:
     return config
 
 
-def _read_weights(folder: Path) -> tuple[dict[str, torch.Tensor], dict | None]:
+def _read_weights(folder: Path) -> tuple[dict[str, torch.Tensor], dict | None, str | None]:
+    """The adapter tensors (PEFT's names) and what our metadata records, if any: the base's shape, the chat format."""
     try:
         with safe_open(folder / WEIGHTS, framework="pt") as f:
             state = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is not iterable)
-            base = (f.metadata() or {}).get("llamakit_base")
+            metadata = f.metadata() or {}
     except Exception as e:  # missing or damaged file
         raise CheckpointError(f"{folder / WEIGHTS}: cannot read the adapter weights ({e})") from None
-    return state, json.loads(base) if base else None
+    chat_format, base = metadata.get(CHAT_FORMAT), metadata.get("llamakit_base")
+    if chat_format not in CHAT_FORMATS:
+        raise CheckpointError(f"{folder / WEIGHTS}: the recorded chat format {chat_format!r} is not one of "
+                              f"{', '.join(f for f in CHAT_FORMATS if f)}")
+    return state, json.loads(base) if base else None, chat_format
 
 
 def _apply(model: Transformer, method: str, config: dict, folder: Path) -> None:
@@ -212,7 +226,7 @@ def _apply(model: Transformer, method: str, config: dict, folder: Path) -> None:
 def read_adapter_weights(folder: str | Path, model: Transformer) -> dict[str, torch.Tensor]:
     """The adapter tensors in folder under our names, checked against the adapter model already carries."""
     folder = Path(folder)
-    state, _ = _read_weights(folder)
+    state, _, _ = _read_weights(folder)
     # Plain tensors of the global shapes: the parameters may be FSDP shards on another device.
     expected = to_peft({k: torch.zeros(v.shape) for k, v in adapter_params(model).items()}, model)
     missing, unexpected = sorted(expected.keys() - state.keys()), sorted(state.keys() - expected.keys())

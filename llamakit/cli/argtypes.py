@@ -24,3 +24,25 @@ def positive_int(text: str) -> int:
     if not text.isdigit() or int(text) < 1:
         raise argparse.ArgumentTypeError(f"{text!r} is not a positive integer")
     return int(text)
+
+
+def random_seed(text: str) -> int:
+    """A random seed: an integer torch.Generator.manual_seed accepts."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if not 0 <= value < 2**64:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a seed (an integer from 0 to 2**64 - 1)")
+    return value
+
+
+def context_window(requested: int | None, trained: int, option: str, extend: bool, default: int | None = None) -> int:
+    """The window a command runs with: `requested` (refused beyond the model's trained context unless extend), else
+    `default` (the model's own window when None)."""
+    from llamakit.generate.decode import check_context  # called once the model is loaded: torch is imported
+
+    if requested is None:
+        return default or trained
+    check_context(requested, trained, f"{option} {requested}", "add --extend-context", extend)
+    return requested

@@ -3,17 +3,19 @@
 from __future__ import annotations
 
 import argparse
+import os
+import select
 import sys
 import time
 
-from llamakit.cli.argtypes import positive_int
+from llamakit.cli.argtypes import context_window, positive_int, random_seed
 from llamakit.errors import LlamakitError
 
 DEFAULT_MAX_SEQ_LEN = 4096  # the default context window for generate/chat: long enough, yet a small KV cache
 
 
 def generate(args: argparse.Namespace) -> None:
-    """Complete prompts with a model; a single prompt streams to stdout as it is generated."""
+    """Complete prompts with a model and print each prompt with its continuation; one prompt streams."""
     from llamakit.generate import generate as run_batch
     from llamakit.generate import stream
 
@@ -27,12 +29,12 @@ def generate(args: argparse.Namespace) -> None:
     budgets = [_budget(args.max_new_tokens, window, len(p), i) for i, p in enumerate(ids)]
     start = time.perf_counter()
     if len(ids) == 1:
+        print(prompts[0], end="", flush=True)  # then its continuation as it is generated
         pieces = stream(model, tokenizer, ids[0], budgets[0], params, stop_strings=args.stop, generator=generator)
         completions = [_print_stream(pieces)]
     else:
         completions = run_batch(model, tokenizer, ids, budgets, params, stop_strings=args.stop, generator=generator)
-        for prompt, completion in zip(prompts, completions):
-            print(f"{prompt}{completion.text}\n")
+        print("\n\n".join(prompt + completion.text for prompt, completion in zip(prompts, completions)))
     if args.stats:
         seconds, produced = time.perf_counter() - start, sum(len(c.tokens) for c in completions)
         print(f"{produced} tokens in {seconds:.2f} s ({produced / seconds:.1f} tokens/s, prefill included)",
@@ -60,26 +62,49 @@ def chat(args: argparse.Namespace) -> None:
     print(f"chatting with {args.checkpoint}{adapter} ({session.style} format). {CHAT_HELP}")
     while True:
         try:
-            text = input("\n>>> ")
+            if not _chat_command(session, read_line("\n>>> ")):
+                return
         except EOFError:
             print()
             return
-        except KeyboardInterrupt:
+        except KeyboardInterrupt:  # at the prompt, or just after a reply: a fresh prompt, the chat goes on
             print()
-            continue
-        command = text.strip().lower()
-        if command in ("/exit", "/quit"):
-            return
-        if command == "/reset":
-            session.reset()
-            print("[conversation cleared]")
-        elif command == "/help":
-            print(CHAT_HELP)
-        elif command:
-            _chat_turn(session, text)
 
 
 CHAT_HELP = "Type a message. /reset clears the history, /exit or Ctrl-D quits, Ctrl-C stops a reply."
+
+
+def _chat_command(session, text: str) -> bool:
+    """Act on one line typed at the prompt; False when it asks to quit."""
+    command = text.strip().lower()
+    if command in ("/exit", "/quit"):
+        return False
+    if command == "/reset":
+        session.reset()
+        print("[conversation cleared]")
+    elif command == "/help":
+        print(CHAT_HELP)
+    elif command:
+        _chat_turn(session, text)
+    return True
+
+
+def read_line(prompt: str) -> str:
+    """input(prompt), except that on a terminal a Ctrl-C typed as soon as the prompt shows is never lost.
+
+    input() blocks in read(): a SIGINT that lands after the prompt is written but before read() starts only
+    sets Python's flag, and its KeyboardInterrupt waits for the next Enter. Waiting in short select() calls
+    returns to Python, which raises it, at least every 0.1 s.
+    """
+    if os.name == "nt" or not sys.stdin.isatty():
+        return input(prompt)
+    print(prompt, end="", flush=True)
+    while not select.select([sys.stdin], [], [], 0.1)[0]:
+        pass
+    line = sys.stdin.readline()  # a terminal in line mode is readable once a whole line (or Ctrl-D) is typed
+    if not line:
+        raise EOFError
+    return line.removesuffix("\n")
 
 
 def _chat_turn(session, text: str) -> None:
@@ -107,11 +132,11 @@ def _load_for_generation(args: argparse.Namespace):
     from llamakit.checkpoint import load_checkpoint
     from llamakit.generate import SamplingParams
     from llamakit.generate.decode import prepare_for_decoding
-    from llamakit.generate.meta_api import default_device, default_dtype
+    from llamakit.runtime import default_dtype, resolve_device
 
     params = SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, min_p=args.min_p,
                             repetition_penalty=args.repetition_penalty)
-    device = torch.device(args.device) if args.device else default_device()
+    device = resolve_device(args.device, "--device")
     model, tokenizer = load_checkpoint(args.checkpoint, args.tokenizer, args.dtype or default_dtype(device), device,
                                        adapter=args.adapter)
     generator = torch.Generator(device)
@@ -120,7 +145,9 @@ def _load_for_generation(args: argparse.Namespace):
 
 
 def _max_seq_len(args: argparse.Namespace, model) -> int:
-    return args.max_seq_len or min(model.config.max_seq_len, DEFAULT_MAX_SEQ_LEN)
+    trained = model.config.max_seq_len
+    return context_window(args.max_seq_len, trained, "--max-seq-len", args.extend_context,
+                          default=min(trained, DEFAULT_MAX_SEQ_LEN))
 
 
 def _budget(max_new_tokens: int, window: int, prompt_len: int, index: int) -> int:
@@ -139,6 +166,8 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], help="default: bf16 on GPUs, fp32 on CPU")
     p.add_argument("--max-seq-len", type=positive_int,
                    help=f"context window for prompt + reply (default: the model's, at most {DEFAULT_MAX_SEQ_LEN})")
+    p.add_argument("--extend-context", action="store_true",
+                   help="allow --max-seq-len (and eval's --window) beyond the model's trained context, with a warning")
 
 
 def _add_sampling_options(p: argparse.ArgumentParser, max_new_tokens: int) -> None:
@@ -148,7 +177,7 @@ def _add_sampling_options(p: argparse.ArgumentParser, max_new_tokens: int) -> No
     p.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens (0 disables)")
     p.add_argument("--min-p", type=float, default=0.0, help="drop tokens below min_p x the top probability")
     p.add_argument("--repetition-penalty", type=float, default=1.0, help="> 1 discourages repeats (1 disables)")
-    p.add_argument("--seed", type=int, help="make sampling reproducible")
+    p.add_argument("--seed", type=random_seed, help="make sampling reproducible")
 
 
 def add_generate(p: argparse.ArgumentParser) -> None:
@@ -164,5 +193,5 @@ def add_chat(p: argparse.ArgumentParser) -> None:
     add_model_options(p)
     _add_sampling_options(p, max_new_tokens=512)
     p.add_argument("--system", help="system prompt for the whole conversation")
-    p.add_argument("--chat-format", choices=["llama2", "llama3"],
-                   help="dialog format (default: the model's config, else the tokenizer's)")
+    p.add_argument("--chat-format", choices=["llama2", "llama3", "alpaca"],
+                   help="prompt format (default: the one the model or --adapter was tuned with, else the tokenizer's)")

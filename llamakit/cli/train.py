@@ -56,10 +56,13 @@ def _outputs(out: Path) -> str:
 def merge(args: argparse.Namespace) -> None:
     """Fold a LoRA adapter into its base model and write a normal model folder."""
     from llamakit.checkpoint import find_tokenizer, load_model, save_model
+    from llamakit.checkpoint.io import check_separate
     from llamakit.checkpoint.peft import load_adapter
     from llamakit.errors import LlamakitError
     from llamakit.model.lora import merge_lora
 
+    for source in (args.base, args.adapter):
+        check_separate(source, args.output)
     model = load_model(args.base, dtype="fp32")
     method = load_adapter(model, args.adapter)
     if method != "lora":

@@ -23,6 +23,7 @@ from llamakit.tokenizer.base import Tokenizer
 from llamakit.tokenizer.chat import (
     CHAT_STYLES,
     ChatFormatError,
+    alpaca_prompt,
     common_prefix,
     default_style,
     encode_exchanges,
@@ -34,10 +35,7 @@ __all__ = ["ALPACA_TEMPLATE_VERSION", "IGNORE_INDEX", "PAD_SEGMENT", "Encoded", 
 
 logger = logging.getLogger(__name__)
 
-ALPACA_TEMPLATE_VERSION = "alpaca-v1"  # Stanford Alpaca's prompt, with and without an input
-_ALPACA_INTRO = "Below is an instruction that describes a task. Write a response that appropriately completes the request."
-_ALPACA_INTRO_WITH_INPUT = ("Below is an instruction that describes a task, paired with an input that provides further "
-                            "context. Write a response that appropriately completes the request.")
+ALPACA_TEMPLATE_VERSION = "alpaca-v1"  # Stanford Alpaca's prompt, with and without an input (tokenizer.chat)
 FORMATS = ("auto", "alpaca", "chat")
 TRUNCATIONS = ("truncate", "drop")
 
@@ -49,7 +47,7 @@ class SFTDataConfig:
     path: str = "data/alpaca.json"  # a .json / .jsonl(.gz) / .parquet file
     format: str = "auto"  # alpaca | chat | auto (chat when rows have messages_field, alpaca when `instruction`)
     messages_field: str = "messages"
-    chat_format: str | None = None  # llama2 | llama3 | None: the tokenizer's default
+    chat_format: str | None = None  # llama2 | llama3 | alpaca | None: the tokenizer's default
     seq_len: int = 512  # input positions per row; an example may have seq_len + 1 ids
     truncation: str = "truncate"  # truncate: keep the first seq_len + 1 ids (dropped if no target is left) | drop
     packing: bool = False
@@ -75,13 +73,7 @@ class SplitReport:
 def render_alpaca(record: dict) -> tuple[str, str]:
     """(prompt, response) in the Stanford Alpaca template; prompt + response is the canonical `text`."""
     check_alpaca_row("the record", record)
-    instruction, given = record["instruction"], record.get("input") or ""
-    if given:
-        prompt = (f"{_ALPACA_INTRO_WITH_INPUT}\n\n### Instruction:\n{instruction}\n\n"
-                  f"### Input:\n{given}\n\n### Response:\n")
-    else:
-        prompt = f"{_ALPACA_INTRO}\n\n### Instruction:\n{instruction}\n\n### Response:\n"
-    return prompt, record["output"]
+    return alpaca_prompt(record["instruction"], record.get("input") or ""), record["output"]
 
 
 def encode_alpaca(tokenizer: Tokenizer, record: dict) -> Encoded:

@@ -12,7 +12,14 @@ from llamakit.generate.decode import stream
 from llamakit.generate.sampling import SamplingParams
 from llamakit.model import Transformer
 from llamakit.tokenizer import Tokenizer
-from llamakit.tokenizer.chat import default_style, encode_dialog, stop_ids_for
+from llamakit.tokenizer.chat import (
+    SPECIAL_TAGS,
+    ChatFormatError,
+    default_style,
+    encode_dialog,
+    has_special_tags,
+    stop_ids_for,
+)
 
 log = logging.getLogger(__name__)
 
@@ -28,6 +35,10 @@ class ChatSession:
         self.style = style or model.config.chat_format or default_style(tokenizer)
         self.stop_ids = stop_ids_for(tokenizer, self.style)
         self.system = system
+        if system:  # a bad one (Llama 2 tags, the alpaca format has none) is refused now, not at every reply
+            self._check_text(system, "the system prompt")
+            encode_dialog(tokenizer, [{"role": "system", "content": system}, {"role": "user", "content": "?"}],
+                          self.style)
         self.messages: list[dict[str, str]] = []  # user/assistant turns, oldest first
         self.dropped = 0  # turns removed from the front by the last reply() to fit the window
         model.setup_kv_cache(1, max_seq_len)  # once: every reply reuses it
@@ -40,6 +51,7 @@ class ChatSession:
         """Stream the answer to the user's text. Closing the iterator early keeps the partial answer."""
         if not text.strip():
             raise LlamakitError("empty message; type something, or /help for commands")
+        self._check_text(text, "this message")
         before = list(self.messages)
         self.messages.append({"role": "user", "content": text})
         try:
@@ -56,6 +68,13 @@ class ChatSession:
                 yield piece
         finally:  # also on an interrupted reply, so the next turn sees what the user saw
             self.messages.append({"role": "assistant", "content": "".join(answer)})
+
+    def _check_text(self, text: str, what: str) -> None:
+        """Llama 2 marks turns with plain-text tags, so text containing one could forge a turn: refuse it, as
+        Meta's API refuses such dialogs."""
+        if self.style == "llama2" and has_special_tags([{"role": "user", "content": text}]):
+            raise ChatFormatError(f"{what} contains a Llama 2 turn tag ({', '.join(SPECIAL_TAGS)}), which could "
+                                  "forge a turn in the llama2 chat format; rephrase it without the tag")
 
     def _fit_prompt(self) -> list[int]:
         """The prompt ids, after dropping the oldest exchanges until a reply has room."""

@@ -8,6 +8,7 @@ query can see it). Batches whose rows all have the same length and budget take a
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Generator, Iterator, Sequence
 from dataclasses import dataclass
 
@@ -17,6 +18,8 @@ from llamakit.errors import LlamakitError
 from llamakit.generate.sampling import SamplingParams, sample, token_logprobs
 from llamakit.model import Transformer
 from llamakit.tokenizer import Tokenizer
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -46,6 +49,18 @@ def check_prompts(prompts: Sequence[Sequence[int]], budgets: Sequence[int], max_
                                 f"max_seq_len={max_seq_len}; shorten it or raise max_seq_len")
         if budget < 1:
             raise LlamakitError(f"prompt {i} is given {budget} new tokens; ask for at least 1")
+
+
+def check_context(window: int, trained: int, setting: str, override: str, extend: bool) -> None:
+    """Refuse a context window beyond the model's trained max_seq_len unless extend (then warn): positions past
+    it were never trained, so the model's quality drops there without any error."""
+    if window <= trained:
+        return
+    if not extend:
+        raise LlamakitError(f"{setting} is beyond the model's {trained}-token context (its max_seq_len); use at most "
+                            f"{trained}, or {override} to run past it deliberately")
+    log.warning("%s is beyond the model's %d-token context: positions past %d were never trained and the model's "
+                "quality drops there (RoPE is not rescaled)", setting, trained, trained)
 
 
 @torch.no_grad()

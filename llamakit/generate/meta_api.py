@@ -14,29 +14,16 @@ from pathlib import Path
 
 import torch
 
-from llamakit.checkpoint import load_checkpoint
+from llamakit.checkpoint import load_checkpoint, load_config
 from llamakit.errors import LlamakitError
-from llamakit.generate.decode import Completion, check_prompts, generate, prepare_for_decoding
+from llamakit.generate.decode import Completion, check_context, check_prompts, generate, prepare_for_decoding
 from llamakit.generate.sampling import SamplingParams
 from llamakit.model import Transformer, resolve_dtype
+from llamakit.runtime import default_dtype, resolve_device
 from llamakit.tokenizer import Tokenizer
 from llamakit.tokenizer.chat import UNSAFE_REPLY, Dialog, default_style, encode_dialog, has_special_tags, stop_ids_for
 
 log = logging.getLogger(__name__)
-
-
-def default_device() -> torch.device:
-    """This process's GPU when there is one (one per torchrun rank), else the CPU."""
-    if torch.cuda.is_available():
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)) % torch.cuda.device_count())
-    return torch.device("cpu")
-
-
-def default_dtype(device: torch.device) -> torch.dtype:
-    """bf16 on GPUs that have it (fp16 on older ones), as Meta's reference; fp32 on CPU, where it is fastest."""
-    if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.float32
 
 
 class Llama:
@@ -46,9 +33,10 @@ class Llama:
     def build(ckpt_dir: str | Path, tokenizer_path: str | Path | None, max_seq_len: int, max_batch_size: int,
               model_parallel_size: int | None = None, seed: int = 1, *, device: str | torch.device | None = None,
               dtype: str | torch.dtype | None = None, chat_format: str | None = None,
-              adapter_path: str | Path | None = None) -> Llama:
+              adapter_path: str | Path | None = None, extend_context: bool = False) -> Llama:
         """Load any checkpoint (Meta, Hugging Face, llama2.c, llamakit); tokenizer_path None uses the one beside it;
-        adapter_path applies a fine-tuned LoRA/prefix/prompt adapter (PEFT format) on top."""
+        adapter_path applies a fine-tuned LoRA/prefix/prompt adapter (PEFT format) on top. max_seq_len beyond the
+        model's own is refused unless extend_context (then a warning)."""
         if max_seq_len < 2 or max_batch_size < 1:
             raise LlamakitError(f"max_seq_len={max_seq_len} and max_batch_size={max_batch_size} must be at least "
                                 "2 and 1")
@@ -57,12 +45,11 @@ class Llama:
             # Every rank holds the whole (merged) model and computes the same tokens; tensor
             # parallelism, which splits the weights instead, is a separate feature.
             log.info("running %d replicated processes (model_parallel_size=%s)", world, model_parallel_size)
-        device = torch.device(device) if device is not None else default_device()
+        device = resolve_device(device)
+        check_context(max_seq_len, load_config(ckpt_dir).max_seq_len, f"max_seq_len={max_seq_len}",
+                      "pass extend_context=True", extend_context)  # before the weights load: that can take minutes
         model, tokenizer = load_checkpoint(ckpt_dir, tokenizer_path, resolve_dtype(dtype) or default_dtype(device),
                                            device, adapter=adapter_path)
-        if max_seq_len > model.config.max_seq_len:
-            log.warning("max_seq_len=%d exceeds the %d positions %s was trained on; quality may drop beyond them",
-                        max_seq_len, model.config.max_seq_len, ckpt_dir)
         model.setup_kv_cache(max_batch_size, max_seq_len)
         return Llama(model, tokenizer, max_seq_len, max_batch_size, seed, chat_format)
 

@@ -7,7 +7,9 @@ repetition penalty, temperature, top-k, top-p, min-p, then sampling.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
+from numbers import Integral, Real
 
 import torch
 
@@ -25,6 +27,11 @@ class SamplingParams:
     repetition_penalty: float = 1.0
 
     def __post_init__(self):
+        for name in ("temperature", "top_p", "top_k", "min_p", "repetition_penalty"):
+            value, kind = getattr(self, name), Integral if name == "top_k" else Real
+            if isinstance(value, bool) or not isinstance(value, kind) or not math.isfinite(value):
+                what = "an integer" if kind is Integral else "a finite number"
+                raise ConfigError(f"bad sampling setting {name}={value!r}: {name} must be {what}")
         checks = [
             (self.temperature >= 0, "temperature must be >= 0 (0 is greedy)"),
             (0 < self.top_p <= 1, "top_p must be in (0, 1] (1 disables nucleus sampling)"),
@@ -93,7 +100,8 @@ def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Genera
         logits = apply_repetition_penalty(logits, seen, params.repetition_penalty)
     if params.greedy:
         return logits.argmax(dim=-1)
-    logits = logits / params.temperature
+    # Shifted so the best logit is 0 first: a tiny temperature then gives -inf, not inf - inf = nan.
+    logits = (logits - logits.amax(dim=-1, keepdim=True)) / params.temperature
     logits = top_k_filter(logits, params.top_k)
     logits = top_p_filter(logits, params.top_p)
     logits = min_p_filter(logits, params.min_p)

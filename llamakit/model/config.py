@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 from llamakit.errors import ConfigError
 
-CHAT_FORMATS = (None, "llama2", "llama3")
+CHAT_FORMATS = (None, "llama2", "llama3", "alpaca")
 
 
 @dataclass(frozen=True)
@@ -54,7 +54,7 @@ class ModelConfig:
     rope_scaling: RopeScaling = field(default_factory=RopeScaling)  # used when use_scaled_rope
     max_seq_len: int = 2048
     tie_word_embeddings: bool = False
-    chat_format: str | None = None  # "llama2" or "llama3" dialog format; None follows the tokenizer
+    chat_format: str | None = None  # the prompt format it was tuned on: llama2, llama3, alpaca; None: the tokenizer's
 
     def __post_init__(self) -> None:
         if isinstance(self.rope_scaling, dict):  # from JSON
@@ -217,33 +217,45 @@ DTYPES = {"fp32": "float32", "float32": "float32", "bf16": "bfloat16", "bfloat16
 
 
 def resolve_dtype(dtype):
-    """A torch.dtype from a dtype, a name like "bf16", or None (kept as None)."""
+    """A torch.dtype from a supported dtype or a name like "bf16", or None (kept as None); others are refused,
+    not silently computed in another precision (the model normalises and returns logits in fp32)."""
     import torch
 
-    if dtype is None or isinstance(dtype, torch.dtype):
-        return dtype
+    if dtype is None:
+        return None
     try:
-        return getattr(torch, DTYPES[str(dtype).lower()])
+        return getattr(torch, DTYPES[str(dtype).lower().removeprefix("torch.")])
     except KeyError:
-        raise ConfigError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}") from None
+        raise ConfigError(f"unsupported dtype {dtype!r}; choose one of {', '.join(DTYPES)} (or torch.float32, "
+                          "torch.bfloat16, torch.float16)") from None
 
 
-def describe(config: ModelConfig) -> dict[str, str]:
-    """Human-readable facts about a config: shape, parameter count, memory for weights and KV cache."""
+def describe(config: ModelConfig) -> dict[str, int | float | bool | str | dict | None]:
+    """Facts about a config as JSON values: shape, parameter count, bytes for weights and KV cache."""
     n = config.num_params()
     facts = {"dim": config.dim, "n_layers": config.n_layers, "n_heads": config.n_heads,
              "n_kv_heads": config.kv_heads, "head_dim": config.head_dim, "hidden_dim": config.ffn_hidden_dim,
              "vocab_size": config.vocab_size, "max_seq_len": config.max_seq_len, "norm_eps": config.norm_eps,
              "rope_theta": config.rope_theta,
-             "rope_scaling": (f"llama3 (factor {config.rope_scaling.factor}, original context "
-                              f"{config.rope_scaling.original_max_seq_len})") if config.use_scaled_rope else "none",
-             "tied_embeddings": config.tie_word_embeddings,
-             "chat_format": config.chat_format or "follows the tokenizer", "parameters": f"{n:,}"}
+             "rope_scaling": dataclasses.asdict(config.rope_scaling) if config.use_scaled_rope else None,
+             "tied_embeddings": config.tie_word_embeddings, "chat_format": config.chat_format, "parameters": n}
     for name, size in (("fp32", 4), ("bf16/fp16", 2)):
-        facts[f"weights_{name}"] = _bytes(n * size)
-        facts[f"kv_cache_per_token_{name}"] = _bytes(config.kv_cache_bytes_per_token(size))
-    facts["kv_cache_full_context_bf16"] = _bytes(config.kv_cache_bytes_per_token(2) * config.max_seq_len)
-    return {k: str(v) for k, v in facts.items()}
+        facts[f"weights_{name}"] = n * size
+        facts[f"kv_cache_per_token_{name}"] = config.kv_cache_bytes_per_token(size)
+    facts["kv_cache_full_context_bf16"] = config.kv_cache_bytes_per_token(2) * config.max_seq_len
+    return facts
+
+
+def format_fact(name: str, value) -> str:
+    """One of describe()'s facts as `llamakit info` shows it to a person (sizes with units and commas)."""
+    if name == "rope_scaling":
+        return "none" if value is None else (f"llama3 (factor {value['factor']}, original context "
+                                             f"{value['original_max_seq_len']})")
+    if name == "chat_format":
+        return value or "follows the tokenizer"
+    if name == "parameters":
+        return f"{value:,}"
+    return _bytes(value) if name.startswith(("weights_", "kv_cache_")) else str(value)
 
 
 def _bytes(n: int) -> str:

@@ -1,4 +1,5 @@
-"""Chat prompts: a dialog of role/content messages as the token ids Llama 2 and Llama 3 chat models expect."""
+"""Chat prompts: a dialog of role/content messages as the token ids Llama 2 and Llama 3 chat models expect, or as
+Stanford Alpaca prompts (the format an Alpaca-tuned model or adapter answers in)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ from typing import Any
 from llamakit.errors import TokenizerError
 from llamakit.tokenizer.base import Tokenizer
 
-CHAT_STYLES = ("llama2", "llama3")
+CHAT_STYLES = ("llama2", "llama3", "alpaca")
 ROLES = ("system", "user", "assistant")
 # Llama 2 marks turns with these plain-text tags, so a user who types them could forge turns.
 SPECIAL_TAGS = ("[INST]", "[/INST]", "<<SYS>>", "<</SYS>>")
@@ -20,6 +21,9 @@ _DIALOG_SHAPE = ("a dialog is a list of {'role': ..., 'content': ...} dicts: an 
                  "then 'user' and 'assistant' messages alternating, starting and ending with 'user'")
 _LLAMA3_SPECIALS = ("<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>")
 _LLAMA3_STOPS = ("<|eot_id|>", "<|end_of_text|>", "<|eom_id|>")
+_ALPACA_INTRO = "Below is an instruction that describes a task. Write a response that appropriately completes the request."
+_ALPACA_INTRO_WITH_INPUT = ("Below is an instruction that describes a task, paired with an input that provides further "
+                            "context. Write a response that appropriately completes the request.")
 
 
 class ChatFormatError(TokenizerError):
@@ -73,13 +77,21 @@ def has_special_tags(dialog: Dialog) -> bool:
                if isinstance(message, dict) and isinstance(message.get("content"), str) for tag in SPECIAL_TAGS)
 
 
+def alpaca_prompt(instruction: str, given: str = "") -> str:
+    """Stanford Alpaca's prompt for an instruction (with its input, if any), ending where the response begins."""
+    if given:
+        return (f"{_ALPACA_INTRO_WITH_INPUT}\n\n### Instruction:\n{instruction}\n\n"
+                f"### Input:\n{given}\n\n### Response:\n")
+    return f"{_ALPACA_INTRO}\n\n### Instruction:\n{instruction}\n\n### Response:\n"
+
+
 def encode_dialog(tokenizer: Tokenizer, dialog: Dialog, style: str | None = None) -> list[int]:
     """The prompt ids for dialog, ending where the assistant's reply should begin."""
     style = _resolve_style(tokenizer, style)
     check_dialog(dialog)
-    if style == "llama2":
-        return _encode_llama2(tokenizer, dialog)
-    return _encode_llama3(tokenizer, dialog)
+    if style == "llama3":
+        return _encode_llama3(tokenizer, dialog)
+    return _encode_turns(tokenizer, dialog, style)
 
 
 def check_training_dialog(dialog: Dialog) -> None:
@@ -100,24 +112,24 @@ def encode_exchanges(tokenizer: Tokenizer, dialog: Dialog, style: str | None = N
     """A dialog ending in an assistant reply as (prompt ids, reply ids) pairs, one per assistant message.
 
     Concatenated in order they give the whole training sequence. Each reply holds the assistant's content
-    ids and the id that ends it (eos for llama2, <|eot_id|> for llama3); the ids before a reply are what
+    ids and the id that ends it (eos for llama2 and alpaca, <|eot_id|> for llama3); the ids before a reply are what
     encode_dialog gives for the dialog up to the user message it answers.
     """
     style = _resolve_style(tokenizer, style)
     check_training_dialog(dialog)
-    if style == "llama2":
-        return _llama2_exchanges(tokenizer, dialog)
-    return _llama3_exchanges(tokenizer, dialog)
+    if style == "llama3":
+        return _llama3_exchanges(tokenizer, dialog)
+    return _turn_exchanges(tokenizer, dialog, style)
 
 
-def _llama2_exchanges(tokenizer: Tokenizer, dialog: Dialog) -> list[Exchange]:
-    """Llama 2 exchanges, each split where the assistant's reply begins."""
-    dialog = _fold_system(dialog)
+def _turn_exchanges(tokenizer: Tokenizer, dialog: Dialog, style: str) -> list[Exchange]:
+    """Llama 2 or Alpaca exchanges, each split where the assistant's reply begins."""
+    dialog = _fold_system(dialog, style)
     pairs = []
     for user, assistant in zip(dialog[::2], dialog[1::2]):
-        ids = tokenizer.encode(_llama2_exchange(user, assistant), bos=True, eos=True)
+        ids = tokenizer.encode(_exchange(style, user, assistant), bos=True, eos=True)
         # The reply is tokenized in context, as the model would produce it; split after the shared prefix.
-        cut = common_prefix(tokenizer.encode(_llama2_open_turn(user), bos=True), ids)
+        cut = common_prefix(tokenizer.encode(_open_turn(style, user), bos=True), ids)
         pairs.append((ids[:cut], ids[cut:]))
     return pairs
 
@@ -145,7 +157,7 @@ def common_prefix(a: list[int], b: list[int]) -> int:
 
 def stop_ids_for(tokenizer: Tokenizer, style: str | None = None) -> frozenset[int]:
     """The ids that end an assistant reply in this chat style."""
-    if _resolve_style(tokenizer, style) == "llama2":
+    if _resolve_style(tokenizer, style) != "llama3":
         return frozenset({tokenizer.eos_id})
     _llama3_specials(tokenizer)  # a tokenizer without the header tokens cannot chat in this style
     special = tokenizer.special_tokens
@@ -162,31 +174,38 @@ def _resolve_style(tokenizer: Tokenizer, style: str | None) -> str:
     return style
 
 
-def _encode_llama2(tokenizer: Tokenizer, dialog: Dialog) -> list[int]:
-    """Llama 2: each finished exchange is its own bos..eos sequence; the last user turn stays open."""
-    dialog = _fold_system(dialog)
+def _encode_turns(tokenizer: Tokenizer, dialog: Dialog, style: str) -> list[int]:
+    """Llama 2 and Alpaca: each finished exchange is its own bos..eos sequence; the last user turn stays open."""
+    dialog = _fold_system(dialog, style)
     ids: list[int] = []
     for user, assistant in zip(dialog[::2], dialog[1::2]):
-        ids += tokenizer.encode(_llama2_exchange(user, assistant), bos=True, eos=True)
-    return ids + tokenizer.encode(_llama2_open_turn(dialog[-1]), bos=True)
+        ids += tokenizer.encode(_exchange(style, user, assistant), bos=True, eos=True)
+    return ids + tokenizer.encode(_open_turn(style, dialog[-1]), bos=True)
 
 
-def _fold_system(dialog: Dialog) -> Dialog:
+def _fold_system(dialog: Dialog, style: str) -> Dialog:
     """dialog with a leading system message folded into the first user message (Llama 2 has no system turn)."""
     if dialog[0]["role"] != "system":
         return dialog
+    if style == "alpaca":
+        raise ChatFormatError("the alpaca format has no system message (its prompt opens with a fixed sentence); "
+                              "drop the system message, or use the llama2 or llama3 chat format")
     folded = f"<<SYS>>\n{dialog[0]['content']}\n<</SYS>>\n\n{dialog[1]['content']}"
     return [{"role": "user", "content": folded}, *dialog[2:]]
 
 
-def _llama2_open_turn(user: dict[str, Any]) -> str:
-    """A Llama 2 user turn waiting for its reply."""
+def _open_turn(style: str, user: dict[str, Any]) -> str:
+    """A Llama 2 or Alpaca user turn waiting for its reply (Alpaca's as the instruction, unchanged, as in training)."""
+    if style == "alpaca":
+        return alpaca_prompt(user["content"])
     return f"[INST] {user['content'].strip()} [/INST]"
 
 
-def _llama2_exchange(user: dict[str, Any], assistant: dict[str, Any]) -> str:
-    """A finished Llama 2 exchange (the trailing space follows Meta's reference format)."""
-    return f"{_llama2_open_turn(user)} {assistant['content'].strip()} "
+def _exchange(style: str, user: dict[str, Any], assistant: dict[str, Any]) -> str:
+    """A finished Llama 2 or Alpaca exchange (Llama 2's trailing space follows Meta's reference format)."""
+    if style == "alpaca":
+        return _open_turn(style, user) + assistant["content"]
+    return f"{_open_turn(style, user)} {assistant['content'].strip()} "
 
 
 def _encode_llama3(tokenizer: Tokenizer, dialog: Dialog) -> list[int]:

@@ -83,14 +83,16 @@ class FinetuneConfig:
 
 def finetune(cfg: FinetuneConfig, resume: bool = False) -> Path:
     """Fine-tune and return final/: a model folder (full) or a PEFT adapter folder (lora, prefix, prompt)."""
-    with processes(cfg.train.device) as procs:
+    with processes(cfg.train.device, cfg.checkpoint.out_dir) as procs:
         return _run(cfg, resume, procs)
 
 
 def _run(cfg: FinetuneConfig, resume: bool, procs: Processes) -> Path:
     tokenizer = _tokenizer(cfg.model)
-    train_set, val_set, _ = load_sft(cfg.data, tokenizer)  # logs its report: examples, truncated, dropped
+    train_set, val_set, report = load_sft(cfg.data, tokenizer)  # logs its report: examples, truncated, dropped
     model = load_model(cfg.model.path, dtype=cfg.model.dtype, device=procs.device)
+    # The prompt format it learns, saved with the result (config.json, or adapter_config.json): chat prompts in it.
+    model.config = model.config.replace(chat_format="alpaca" if report["format"] == "alpaca" else report["chat_format"])
     check_vocab(tokenizer, model.config.vocab_size, str(cfg.model.path))
     if cfg.data.seq_len > model.config.max_seq_len:
         raise ConfigError(f"data.seq_len={cfg.data.seq_len} exceeds the base model's max_seq_len="

@@ -141,3 +141,15 @@ def test_merge_refuses_prefix_adapters(base, tmp_path, capsys):
     err = capsys.readouterr().err
     assert code == 1 and "only LoRA updates fold into the weights" in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "m").exists()
+
+
+@pytest.mark.parametrize("output", ["adapter", "base", "adapter/merged"])
+def test_merge_refuses_to_write_over_or_into_its_inputs(base, tmp_path, capsys, output):
+    _trained_adapter(base, "lora", tmp_path / "adapter")
+    before = sorted((p.name, p.stat().st_size) for p in (tmp_path / "adapter").iterdir())
+    target = {"base": base}.get(output, tmp_path / output)
+    code = main(["merge", "--base", str(base), "--adapter", str(tmp_path / "adapter"), "--output", str(target),
+                 "--force"])
+    err = capsys.readouterr().err
+    assert code == 1 and "choose an output path outside it" in err and len(err.strip().splitlines()) == 1
+    assert sorted((p.name, p.stat().st_size) for p in (tmp_path / "adapter").iterdir()) == before

@@ -38,19 +38,24 @@ def test_greedy_equals_transformers_generate(llama, files):
 def test_logprobs_equal_transformers_log_softmax(llama, files):
     from transformers import LlamaForCausalLM
 
-    result = llama.text_completion(["Lily and Tom"], temperature=1.0, top_p=0.9, max_gen_len=20, logprobs=True,
-                                   echo=True)[0]
-    tokens, _ = llama.generate([llama.tokenizer.encode("Lily and Tom", bos=True)], 1, temperature=0)
+    prompt = llama.tokenizer.encode("Lily and Tom", bos=True)
+    llama.generator.manual_seed(5)
+    (ids,), (logprobs,) = llama.generate([prompt], 20, temperature=1.0, top_p=0.9, logprobs=True, echo=True)
+    assert ids[:len(prompt)] == prompt and len(ids) > len(prompt) + 5 and len(logprobs) == len(ids)
+    # Sampled at temperature 1 with top-p, yet each logprob is under the model's raw distribution (Meta's rule).
     reference = LlamaForCausalLM.from_pretrained(files["hf"]).eval()
-    ids = llama.tokenizer.encode(result["generation"], bos=True)
-    assert len(result["tokens"]) == len(result["logprobs"])
     with torch.no_grad():
         expected = torch.log_softmax(reference(torch.tensor([ids])).logits[0, :-1], -1)
     expected = expected.gather(-1, torch.tensor(ids[1:])[:, None]).flatten()
-    if len(ids) == len(result["logprobs"]):  # re-encoding the text gives the same ids (usual for this tokenizer)
-        assert result["logprobs"][0] == 0.0
-        assert torch.allclose(torch.tensor(result["logprobs"][1:]), expected, atol=1e-4)
-    assert tokens
+    assert logprobs[0] == 0.0  # the first token has no context
+    assert torch.allclose(torch.tensor(logprobs[1:]), expected, atol=1e-4)
+    # text_completion reports the same draws (same seed) as each token's text and its logprob.
+    llama.generator.manual_seed(5)
+    result = llama.text_completion(["Lily and Tom"], temperature=1.0, top_p=0.9, max_gen_len=20, logprobs=True,
+                                   echo=True)[0]
+    assert result["logprobs"] == logprobs
+    assert result["tokens"] == [llama.tokenizer.decode([t]) for t in ids]
+    assert result["generation"] == llama.tokenizer.decode(ids)
 
 
 def test_echo_returns_prompt_then_generation(llama):
@@ -100,6 +105,9 @@ def test_chat_completion_shapes_and_llama2_refusal(llama):
     (lambda g: g.text_completion(["Hi"], max_gen_len=0), "at least 1"),
     (lambda g: g.chat_completion([[{"role": "assistant", "content": "hi"}]]), "should be from 'user'"),
     (lambda g: g.text_completion(["Hi"], top_p=0), "top_p"),
+    (lambda g: g.text_completion(["Hi"], temperature=float("inf")), "temperature must be a finite number"),
+    (lambda g: g.chat_completion([[{"role": "user", "content": "Hi"}]], top_p=float("nan")),
+     "top_p must be a finite number"),
 ])
 def test_bad_input_raises_clear_errors(llama, call, match):
     with pytest.raises(LlamakitError, match=match):
@@ -111,3 +119,31 @@ def test_build_errors_name_the_problem(files, assets, tmp_path):
         Llama.build(tmp_path / "missing", files["tok"], 64, 1)
     with pytest.raises(LlamakitError, match="tokenizer"):
         Llama.build(files["bin"], assets / "llama2" / "tokenizer.model", 64, 1)
+    with pytest.raises(LlamakitError, match="device 'tpu' is not a device name; use cpu, cuda, cuda:N or mps"):
+        Llama.build(files["bin"], files["tok"], 64, 1, device="tpu")
+
+
+def test_max_seq_len_beyond_the_model_needs_extend_context(files, caplog):
+    with pytest.raises(LlamakitError, match=r"max_seq_len=513 is beyond the model's 512-token context .* "
+                                            "pass extend_context=True"):
+        Llama.build(files["bin"], files["tok"], max_seq_len=513, max_batch_size=1)
+    llama = Llama.build(files["bin"], files["tok"], max_seq_len=600, max_batch_size=1, extend_context=True)
+    assert llama.model.layers[0].self_attn.kv_cache.k.shape[2] == 600  # the cache holds the whole window
+    assert [r.getMessage().split(":")[0] for r in caplog.records if r.levelname == "WARNING"] == [
+        "max_seq_len=600 is beyond the model's 512-token context"]
+    assert Llama.build(files["bin"], files["tok"], max_seq_len=512, max_batch_size=1).max_seq_len == 512
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, "float64", torch.int8, "fp8"])
+def test_an_unsupported_dtype_is_refused_not_replaced(files, dtype):
+    with pytest.raises(LlamakitError, match=f"unsupported dtype {dtype!r}; choose one of fp32, .* torch.float16"):
+        Llama.build(files["bin"], files["tok"], 64, 1, dtype=dtype)
+
+
+@pytest.mark.parametrize("dtype, expected", [(torch.bfloat16, torch.bfloat16), ("fp16", torch.float16),
+                                             (None, torch.float32)])
+def test_a_supported_dtype_is_honoured_everywhere(files, dtype, expected):
+    llama = Llama.build(files["bin"], files["tok"], 64, 1, dtype=dtype)
+    assert {p.dtype for p in llama.model.parameters()} == {expected}
+    assert llama.model.layers[0].self_attn.kv_cache.k.dtype == expected
+    assert llama.text_completion(["Once upon a time"], temperature=0, max_gen_len=8)[0]["generation"].strip()

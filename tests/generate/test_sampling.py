@@ -101,3 +101,30 @@ def test_token_logprobs_are_log_softmax_of_raw_logits():
 def test_bad_settings_are_rejected(bad):
     with pytest.raises(ConfigError, match=next(iter(bad))):
         SamplingParams(**bad)
+
+
+INF, NAN = float("inf"), float("nan")
+
+
+@pytest.mark.parametrize("bad, problem", [
+    (dict(temperature=INF), "temperature must be a finite number"),
+    (dict(temperature=NAN), "temperature must be a finite number"),
+    (dict(temperature=-INF), "temperature must be a finite number"),
+    (dict(top_p=NAN), "top_p must be a finite number"),
+    (dict(min_p=NAN), "min_p must be a finite number"),
+    (dict(repetition_penalty=INF), "repetition_penalty must be a finite number"),
+    (dict(temperature="0.7"), "temperature must be a finite number"),
+    (dict(top_k=2.5), "top_k must be an integer"),
+    (dict(top_k=True), "top_k must be an integer"),
+])
+def test_non_finite_or_mistyped_settings_are_rejected(bad, problem):
+    with pytest.raises(ConfigError, match=problem):
+        SamplingParams(**bad)
+
+
+@pytest.mark.parametrize("temperature", [1e-30, 1e-38, 1e-45])
+def test_a_tiny_temperature_samples_the_best_token(temperature):
+    # Dividing raw logits by it gives inf, and softmax(inf - inf) is nan: the draw would be token 0.
+    logits = _logits()
+    assert torch.equal(sample(logits, SamplingParams(temperature=temperature), torch.Generator().manual_seed(0)),
+                       logits.argmax(-1))
