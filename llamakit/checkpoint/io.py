@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from llamakit.errors import CheckpointError
+from llamakit.files import move_into_place
 
 
 @contextlib.contextmanager
@@ -26,13 +27,7 @@ def atomic_directory(dst: Path, overwrite: bool = False) -> Iterator[Path]:
     try:
         yield tmp
         _finish_tree(tmp)
-        if dst.exists():  # overwrite: move the old one aside first so dst is never half-written
-            old = dst.with_name(f".{dst.name}.old-{os.getpid()}")
-            os.rename(dst, old)
-            os.rename(tmp, dst)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(tmp, dst)
+        move_into_place(tmp, dst)
     except BaseException as e:
         full = _disk_full(e, tmp)
         shutil.rmtree(tmp, ignore_errors=True)

@@ -34,6 +34,7 @@ from llamakit.data.clean import FILTER_NAMES, FilterConfig, LanguageFilter, norm
 from llamakit.data.dedup import DedupConfig, Removed, remove_exact_duplicates, remove_near_duplicates
 from llamakit.data.sources import input_fingerprint, read_documents, resolve_inputs
 from llamakit.errors import DataError
+from llamakit.files import move_into_place
 from llamakit.runtime import process_running
 from llamakit.tokenizer import load_tokenizer
 
@@ -211,13 +212,7 @@ def _building(output: Path) -> Iterator[Path]:
                         "renamed; choose an output in a writable folder") from None
     try:
         yield tmp
-        if output.exists():  # a directory cannot be renamed over another: move the old one aside first
-            old = output.with_name(f".{output.name}.old-{os.getpid()}")
-            os.rename(output, old)
-            os.rename(tmp, output)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(tmp, output)
+        move_into_place(tmp, output)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
