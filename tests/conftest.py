@@ -1,6 +1,9 @@
 """Shared fixtures: the real files in ../shared/assets (skipped with a reason when absent)."""
 
 import os
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -16,3 +19,15 @@ def assets() -> Path:
         pytest.skip(f"real assets not found at {SHARED_ASSETS} (clone with ../shared beside the repo, "
                     "or set LLAMAKIT_SHARED_ASSETS)")
     return SHARED_ASSETS
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A real 16 KiB file system (tmpfs), too small for any checkpoint; skipped where mounting is not allowed."""
+    mount = tmp_path / "small"
+    mount.mkdir()
+    if sys.platform != "linux" or not shutil.which("mount") or subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", "size=16k", "tmpfs", mount], capture_output=True).returncode:
+        pytest.skip("cannot mount a small tmpfs here (needs Linux and root)")
+    yield mount
+    subprocess.run(["umount", "--lazy", mount], check=True)  # lazy: a file a failed writer left open is no obstacle

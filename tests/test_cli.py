@@ -174,18 +174,6 @@ def test_a_failed_torch_write_with_space_left_is_not_called_a_full_disk(tiny_che
     assert not (tmp_path / "m").exists()
 
 
-@pytest.fixture
-def small_disk(tmp_path):
-    """A real 16 KiB file system (tmpfs), too small for any checkpoint; skipped where mounting is not allowed."""
-    mount = tmp_path / "small"
-    mount.mkdir()
-    if sys.platform != "linux" or not shutil.which("mount") or subprocess.run(
-            ["mount", "-t", "tmpfs", "-o", "size=16k", "tmpfs", mount], capture_output=True).returncode:
-        pytest.skip("cannot mount a small tmpfs here (needs Linux and root)")
-    yield mount
-    subprocess.run(["umount", "--lazy", mount], check=True)  # lazy: a file a failed writer left open is no obstacle
-
-
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_convert_onto_a_really_full_disk(tiny_checkpoint, small_disk, capsys, fmt):
     dst = small_disk / "m"

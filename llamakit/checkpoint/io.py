@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import errno
 import json
 import os
 import shutil
@@ -13,7 +12,7 @@ from pathlib import Path
 import torch
 
 from llamakit.errors import CheckpointError
-from llamakit.files import move_into_place
+from llamakit.files import disk_full, move_into_place
 
 
 @contextlib.contextmanager
@@ -29,7 +28,7 @@ def atomic_directory(dst: Path, overwrite: bool = False) -> Iterator[Path]:
         _finish_tree(tmp)
         move_into_place(tmp, dst)
     except BaseException as e:
-        full = _disk_full(e, tmp)
+        full = disk_full(e, tmp)
         shutil.rmtree(tmp, ignore_errors=True)
         if full:
             raise _disk_full_error(dst) from None
@@ -48,7 +47,7 @@ def atomic_file(dst: Path, overwrite: bool = False) -> Iterator[Path]:
             os.fsync(f.fileno())
         os.replace(tmp, dst)
     except BaseException as e:
-        full = _disk_full(e, tmp.parent)
+        full = disk_full(e, tmp.parent)
         tmp.unlink(missing_ok=True)
         if full:
             raise _disk_full_error(dst) from None
@@ -62,20 +61,6 @@ def check_separate(src: Path, dst: Path) -> None:
         where = "is" if dst == src else "is inside" if dst.is_relative_to(src) else "contains"
         raise CheckpointError(f"{dst}: the output {where} the source {src}; writing it would damage the "
                               "source, so choose an output path outside it")
-
-
-def _disk_full(error: BaseException, where: Path) -> bool:
-    """Whether a failed write ran out of disk space or quota (each writer reports it in its own way)."""
-    if isinstance(error, OSError):
-        return error.errno in (errno.ENOSPC, errno.EDQUOT)
-    text = str(error)
-    if any(sign in text for sign in ("No space left", "Disk quota exceeded", "os error 28", "os error 122")):
-        return True  # safetensors: "I/O error: No space left on device (os error 28)"
-    # torch.save reports only a short write ("[enforce fail at inline_container.cc] ... unexpected pos" or
-    # "file write failed"); the file system tells whether that is for want of space.
-    with contextlib.suppress(OSError):
-        return "inline_container.cc" in text and shutil.disk_usage(where).free < 2**20
-    return False
 
 
 def _disk_full_error(dst: Path) -> CheckpointError:

@@ -212,14 +212,19 @@ def _chunked(shapes: list[tuple[int, ...]]) -> bool:
 
 
 def _shard_count(width: int | None, file: Path, shard: dict[str, torch.Tensor]) -> int | None:
-    """How many pieces the weights were split into: wq's rows are dim (params.json) / shards."""
+    """How many pieces the weights were split into: wq is split by rows, so its pieces are (dim / shards, dim)."""
     wq = shard.get("layers.0.attention.wq.weight")
     if not isinstance(width, int) or wq is None or wq.dim() != 2:
         return None  # the config or the weights are malformed; loading reports it by name
-    if wq.shape[0] == 0 or width % wq.shape[0]:
-        raise CheckpointError(f"{file}: layers.0.attention.wq.weight has {wq.shape[0]} rows, not a whole share of "
-                              f"dim={width} from params.json; params.json describes a different model")
-    return width // wq.shape[0]
+    rows, dim = wq.shape
+    if dim != width:  # the weights' own width: params.json is the odd one out, not the shard files
+        raise CheckpointError(f"{file.parent / 'params.json'}: dim={width}, but the weights are {dim} wide "
+                              f"(layers.0.attention.wq.weight is {rows} x {dim}); this params.json belongs to "
+                              "another model")
+    if rows == 0 or dim % rows:
+        raise CheckpointError(f"{file}: layers.0.attention.wq.weight has {rows} rows, not a whole share of "
+                              f"dim={dim}; the file is damaged or not a Meta shard")
+    return dim // rows
 
 
 def _check_distinct(files: list[Path], shards: list[dict[str, torch.Tensor]]) -> None:

@@ -1,8 +1,9 @@
 """Cleaning: text normalisation, removal of boilerplate lines, heuristic quality and language filters.
 
 Boilerplate follows CCNet (Wenzek et al., 2019): a line that recurs across many documents (menus,
-cookie notices, licence footers) is dropped everywhere. Copies of one document count once (else 50
-copies of a file would lose every line before dedup could keep one of them). Quality filters follow
+cookie notices, licence footers) is dropped from all of them but the first, as CCNet's line dedup keeps
+a first occurrence. Copies of one document count once, and the first keeps its lines, so 50 copies or
+near-copies of a file never lose all of their text before dedup could keep one of them. Quality filters follow
 Gopher (Rae et al., 2021, appendix A) and C4 (Raffel et al., 2019), with defaults loose enough to keep
 normal prose and source code: they remove fragments, symbol soup and text that repeats itself.
 """
@@ -72,7 +73,8 @@ class BoilerplateStats:
 
 
 def remove_boilerplate(docs: list[str], min_docs: int, min_chars: int) -> tuple[list[str], BoilerplateStats]:
-    """docs without the lines (of at least min_chars) found in min_docs or more distinct documents; 0 disables."""
+    """docs without the lines (of at least min_chars) found in min_docs or more distinct documents, which only the
+    first document holding each keeps; min_docs 0 disables."""
     stats = BoilerplateStats()
     if min_docs <= 0:
         return docs, stats
@@ -80,19 +82,24 @@ def remove_boilerplate(docs: list[str], min_docs: int, min_chars: int) -> tuple[
     stats.distinct_lines = len(common)
     if not common:
         return docs, stats
-    return [_drop_lines(doc, common, min_chars, stats) for doc in docs], stats
+    kept_once: set[bytes] = set()  # the common lines an earlier document kept
+    return [_drop_lines(doc, common, kept_once, min_chars, stats) for doc in docs], stats
 
 
-def _drop_lines(doc: str, common: set[bytes], min_chars: int, stats: BoilerplateStats) -> str:
-    """Pass 2: doc without its lines in `common`."""
-    kept = []
+def _drop_lines(doc: str, common: set[bytes], kept_once: set[bytes], min_chars: int, stats: BoilerplateStats) -> str:
+    """Pass 2: doc without its lines in `common`, but for those no earlier document kept (then added to kept_once)."""
+    kept, first = [], set()
     for line in doc.split("\n"):
         key = line_key(line)
-        if len(key) >= min_chars and _line_hash(key) in common:
+        digest = _line_hash(key) if len(key) >= min_chars else None
+        if digest in common and digest not in kept_once:
+            first.add(digest)
+        elif digest in common:
             stats.lines_dropped += 1
             stats.chars_dropped += len(line) + 1
-        else:
-            kept.append(line)
+            continue
+        kept.append(line)
+    kept_once.update(first)
     return _BLANK_RUN.sub("\n\n", "\n".join(kept)).strip("\n")
 
 

@@ -16,6 +16,7 @@ import glob
 import hashlib
 import itertools
 import logging
+import math
 import multiprocessing
 import os
 import re
@@ -34,7 +35,7 @@ from llamakit.data.clean import FILTER_NAMES, FilterConfig, LanguageFilter, norm
 from llamakit.data.dedup import DedupConfig, Removed, remove_exact_duplicates, remove_near_duplicates
 from llamakit.data.sources import input_fingerprint, read_documents, resolve_inputs
 from llamakit.errors import DataError
-from llamakit.files import move_into_place
+from llamakit.files import disk_full, move_into_place
 from llamakit.runtime import process_running
 from llamakit.tokenizer import load_tokenizer
 
@@ -112,6 +113,8 @@ def settings_of(config: PrepareConfig) -> dict[str, Any]:
 
 def _check_config(config: PrepareConfig) -> None:
     """DataError for settings that cannot work."""
+    if not math.isfinite(config.val_fraction):
+        raise DataError(f"--val-fraction {config.val_fraction} is not a number; use a fraction such as 0.005")
     if config.val_fraction <= 0:
         raise DataError(f"--val-fraction {config.val_fraction} leaves no validation split, which pretraining needs to "
                         "measure validation loss; use a value above 0 (the default is 0.005)")
@@ -213,8 +216,13 @@ def _building(output: Path) -> Iterator[Path]:
     try:
         yield tmp
         move_into_place(tmp, output)
-    except BaseException:
+    except BaseException as e:
+        full = disk_full(e, tmp)
         shutil.rmtree(tmp, ignore_errors=True)
+        if full:
+            raise DataError(f"{output}: the disk holding {output.parent} is full (or your quota there is used up); "
+                            "the earlier data, if any, is kept; free some space or choose an output on another "
+                            "disk") from None
         raise
 
 

@@ -100,8 +100,10 @@ def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Genera
         logits = apply_repetition_penalty(logits, seen, params.repetition_penalty)
     if params.greedy:
         return logits.argmax(dim=-1)
-    # Shifted so the best logit is 0 first: a tiny temperature then gives -inf, not inf - inf = nan.
-    logits = (logits - logits.amax(dim=-1, keepdim=True)) / params.temperature
+    # Shifted so the best logit is 0 first: a tiny temperature then gives -inf for the others, not inf - inf =
+    # nan; one below the float's range divides by 0, so the best stays 0 rather than 0 / 0 = nan.
+    logits = logits - logits.amax(dim=-1, keepdim=True)
+    logits = torch.where(logits == 0, 0.0, logits / params.temperature)
     logits = top_k_filter(logits, params.top_k)
     logits = top_p_filter(logits, params.top_p)
     logits = min_p_filter(logits, params.min_p)

@@ -91,7 +91,7 @@ def _run(cfg: FinetuneConfig, resume: bool, procs: Processes) -> Path:
     tokenizer = _tokenizer(cfg.model)
     train_set, val_set, report = load_sft(cfg.data, tokenizer)  # logs its report: examples, truncated, dropped
     model = load_model(cfg.model.path, dtype=cfg.model.dtype, device=procs.device)
-    # The prompt format it learns, saved with the result (config.json, or adapter_config.json): chat prompts in it.
+    # The prompt format it learns, saved with the result (config.json, or the adapter's metadata): chat prompts in it.
     model.config = model.config.replace(chat_format="alpaca" if report["format"] == "alpaca" else report["chat_format"])
     check_vocab(tokenizer, model.config.vocab_size, str(cfg.model.path))
     if cfg.data.seq_len > model.config.max_seq_len:

@@ -9,6 +9,7 @@ import torch
 
 from llamakit.checkpoint import load_model
 from llamakit.data import TokenShards
+from llamakit.data.shards import check_tokenizer_copy
 from llamakit.errors import ConfigError
 from llamakit.model import Transformer
 from llamakit.tokenizer import Tokenizer, check_vocab, load_tokenizer
@@ -32,6 +33,7 @@ def pretrain(cfg: PretrainConfig, resume: bool = False) -> Path:
 
 def _run(cfg: PretrainConfig, resume: bool, procs: Processes) -> Path:
     shards = TokenShards(cfg.data.path, "train")
+    check_tokenizer_copy(shards.root, shards.meta)  # a missing or replaced copy is named before it is loaded
     tokenizer = load_tokenizer(shards.tokenizer_path)
     shards.check_tokenizer(tokenizer)
     _check_vocab_size(cfg.model, tokenizer)

@@ -118,7 +118,8 @@ def check_run_folder(cfg, checkpointer: Checkpointer, resume: bool) -> Path | No
     changed = sorted(k for k in saved.keys() | now.keys()
                      if saved.get(k) != now.get(k) and not k.startswith(RESUMABLE_CHANGES))
     if changed:
-        raise ConfigError(f"--resume: {', '.join(changed)} differ from the run in {out_dir}; resuming exactly needs "
+        verb = "differs" if len(changed) == 1 else "differ"
+        raise ConfigError(f"--resume: {', '.join(changed)} {verb} from the run in {out_dir}; resuming exactly needs "
                           "the same values (start a new run in another checkpoint.out_dir to change them)")
     done, max_steps = step_of(latest) if latest else saved["train.max_steps"], cfg.train.max_steps
     if done > max_steps:

@@ -112,11 +112,13 @@ def test_meta_shards_missing_copied_or_mixed(tmp_path, folder, shards, damage, m
             read(meta)
 
 
-def test_meta_shards_that_do_not_fit_params_json(tmp_path, folder):
+@pytest.mark.parametrize("dim", [16, 40, 96, 128])
+def test_a_params_json_that_does_not_fit_the_shards_is_blamed(tmp_path, folder, dim):
     meta = _meta_shards(folder, tmp_path / "meta", 2)
     params = json.loads((meta / "params.json").read_text())
-    (meta / "params.json").write_text(json.dumps({**params, "dim": 40}))
-    with pytest.raises(CheckpointError, match=r"wq\.weight has 16 rows, not a whole share of dim=40 from params"):
+    (meta / "params.json").write_text(json.dumps({**params, "dim": dim}))
+    with pytest.raises(CheckpointError, match=rf"params\.json: dim={dim}, but the weights are 32 wide \(layers\.0\."
+                                              r"attention\.wq\.weight is 16 x 32\); this params\.json belongs to"):
         load_model(meta)
 
 

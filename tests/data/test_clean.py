@@ -32,28 +32,37 @@ def test_line_key_ignores_case_digits_and_spacing():
     assert line_key("  Page 12 of  30 ") == line_key("page 75 of 99") == "page 00 of 00"
 
 
-def test_boilerplate_lines_dropped_everywhere_unique_lines_kept():
+def test_boilerplate_lines_dropped_from_all_but_the_first_document_unique_lines_kept():
     docs = [f"{prose(30, i)}\n{BOILERPLATE.replace('12', str(10 + i))}\n}}\n{prose(20, 100 + i)}" for i in range(12)]
     docs.append(prose(40, 999))
     cleaned, stats = remove_boilerplate(docs, min_docs=10, min_chars=30)
-    assert stats.distinct_lines == 1 and stats.lines_dropped == 12
-    assert stats.chars_dropped == 12 * (len(BOILERPLATE) + 1)
-    for i, doc in enumerate(cleaned[:12]):
+    assert stats.distinct_lines == 1 and stats.lines_dropped == 11
+    assert stats.chars_dropped == 11 * (len(BOILERPLATE) + 1)
+    assert cleaned[0] == docs[0]  # the first document holding the line keeps it
+    for i, doc in enumerate(cleaned[1:12], start=1):
         assert doc == f"{prose(30, i)}\n}}\n{prose(20, 100 + i)}"  # short lines such as "}" are never dropped
     assert cleaned[12] == docs[12]
+
+
+def test_near_copies_keep_their_text_once():
+    shared = [prose(40, line) for line in range(5)]
+    copies = ["\n".join([*shared, f"Copy {i}."]) for i in range(50)]  # a short line: never boilerplate
+    cleaned, stats = remove_boilerplate(copies, min_docs=10, min_chars=30)
+    assert cleaned[0] == copies[0] and stats.lines_dropped == 49 * 5
+    assert cleaned[1:] == [f"Copy {i}." for i in range(1, 50)]  # then too short for the quality filters
 
 
 def test_boilerplate_threshold_and_switch():
     docs = [f"{prose(20, i)}\n{BOILERPLATE}" for i in range(9)]
     assert remove_boilerplate(docs, min_docs=10, min_chars=30)[0] == docs  # in 9 documents: below K=10
-    assert remove_boilerplate(docs, min_docs=9, min_chars=30)[1].lines_dropped == 9
+    assert remove_boilerplate(docs, min_docs=9, min_chars=30)[1].lines_dropped == 8
     assert remove_boilerplate(docs, min_docs=0, min_chars=30)[0] == docs
     repeated_in_one = [f"{BOILERPLATE}\n" * 20 + prose(20, 1)]  # counts documents, not occurrences
     assert remove_boilerplate(repeated_in_one, min_docs=2, min_chars=30)[1].lines_dropped == 0
     copies = [f"{prose(20, 100)}\n{BOILERPLATE}"] * 50 + docs  # copies of a document count once: 10 distinct
     cleaned, stats = remove_boilerplate(copies, min_docs=11, min_chars=30)
     assert cleaned == copies and stats.lines_dropped == 0
-    assert remove_boilerplate(copies, min_docs=10, min_chars=30)[1].lines_dropped == 59
+    assert remove_boilerplate(copies, min_docs=10, min_chars=30)[1].lines_dropped == 58  # all but the first
 
 
 GOOD = {

@@ -1,6 +1,7 @@
 """prepare end to end: what each stage removes, the packed shards, determinism, resuming and interruptions."""
 
 import dataclasses
+import errno
 import importlib
 import re
 
@@ -9,9 +10,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from llamakit.cli import main
 from llamakit.data import FilterConfig, PrepareConfig, TokenShards, prepare, read_meta
 from llamakit.data.prepare import split_documents
-from llamakit.data.shards import file_sha256
+from llamakit.data.shards import ShardWriter, file_sha256
 from llamakit.errors import DataError
 from llamakit.tokenizer import load_tokenizer
 from llamakit.tokenizer.train import train_tokenizer
@@ -29,6 +31,13 @@ def good_docs() -> list[str]:
     return [prose(120, seed) for seed in range(20)]
 
 
+def kept_docs() -> list[str]:
+    """What cleaning keeps of the corpus below: the good documents, the first one with its boilerplate line (the
+    first document holding a boilerplate line keeps it)."""
+    docs = good_docs()
+    return [f"{docs[0]}\n{BOILERPLATE}", *docs[1:]]
+
+
 @pytest.fixture
 def corpus(tmp_path):
     """The good documents, with boilerplate and bad documents mixed in, over a folder, a .jsonl and a .parquet."""
@@ -38,8 +47,8 @@ def corpus(tmp_path):
     for i, doc in enumerate(docs[:10]):
         (folder / f"{i:02d}.txt").write_text(f"{doc}\n{BOILERPLATE}" if i < 6 else doc)
     bad = ["Hi.", "=-=-=-=-=-=-=-=-=-=-= ***** ##### ~~~~~ ;;;;", "\n".join(["Buy cheap watches now."] * 8),
-           docs[0], docs[0].upper().replace(" ", "  "),  # exact duplicates of 00.txt
-           docs[1].replace(docs[1].split()[60], "zebra", 1),  # a near duplicate of 01.txt
+           docs[6], docs[6].upper().replace(" ", "  "),  # exact duplicates of 06.txt
+           docs[7].replace(docs[7].split()[60], "zebra", 1),  # a near duplicate of 07.txt
            FRENCH]
     write_jsonl(tmp_path / "corpus" / "more.jsonl", [f"{d}\n{BOILERPLATE}" for d in docs[10:16]] + bad)
     pq.write_table(pa.table({"text": docs[16:]}), tmp_path / "corpus" / "rest.parquet")
@@ -71,14 +80,14 @@ def test_report_and_shards(corpus, tokenizer_file, tokenizer, tmp_path):
     out = tmp_path / "out"
     report = prepare(config_for(corpus, tokenizer_file, out, filters=FilterConfig(languages=("en",))))
     assert (report["files"], report["documents_read"]) == (12, 27)
-    assert report["boilerplate"] == {"distinct_lines": 1, "lines_dropped": 12, "chars_dropped": 12 * (len(BOILERPLATE) + 1)}
+    assert report["boilerplate"] == {"distinct_lines": 1, "lines_dropped": 11, "chars_dropped": 11 * (len(BOILERPLATE) + 1)}
     removed = {name: r["documents"] for name, r in report["filters"].items() if r["documents"]}
     assert removed == {"min_chars": 1, "min_alnum_fraction": 1, "max_duplicate_line_fraction": 1, "language": 1}
     assert report["exact_duplicates"]["documents"] == 2 and report["near_duplicates"]["documents"] == 1
-    assert report["kept"] == {"documents": 20, "chars": sum(map(len, good_docs()))}
+    assert report["kept"] == {"documents": 20, "chars": sum(map(len, kept_docs()))}
     train, val = documents_in(out, "train", tokenizer), documents_in(out, "val", tokenizer)
-    assert len(val) >= 1 and sorted(train + val) == sorted(good_docs())
-    assert train == [d for d in good_docs() if d in train]  # corpus order
+    assert len(val) >= 1 and sorted(train + val) == sorted(kept_docs())
+    assert train == [d for d in kept_docs() if d in train]  # corpus order
     meta = read_meta(out)
     assert meta["splits"]["train"]["documents"] == len(train) == report["splits"]["train"]["documents"]
     assert len(meta["splits"]["train"]["shards"]) > 1 and meta["dtype"] == "uint16"
@@ -125,7 +134,7 @@ def test_new_tokenizer_in_the_same_process(corpus, tokenizer_file, tmp_path):
     prepare(config_for(corpus, other, out, force=True))
     shards = TokenShards(out)
     assert shards.vocab_size == 360 and shards.tokenizer_sha256 == file_sha256(other)
-    assert all_documents(out, load_tokenizer(other)) == sorted([*good_docs(), FRENCH])  # no language filter here
+    assert all_documents(out, load_tokenizer(other)) == sorted([*kept_docs(), FRENCH])  # no language filter here
 
 
 def test_interrupted_run_never_looks_complete(corpus, tokenizer_file, tmp_path, monkeypatch):
@@ -185,7 +194,7 @@ def test_large_vocabulary_uses_uint32(corpus, assets, tmp_path):
     assert read_meta(out)["dtype"] == "uint32" and (out / "train-00000.bin").stat().st_size % 4 == 0
     shards = TokenShards(out)
     assert shards.window(0, 1)[0] == tokenizer.bos_id == 128000
-    assert all_documents(out, tokenizer) == sorted([*good_docs(), FRENCH])  # no language filter here
+    assert all_documents(out, tokenizer) == sorted([*kept_docs(), FRENCH])  # no language filter here
 
 
 def test_rerun_decides_from_meta_without_reading_the_corpus(corpus, tokenizer_file, tmp_path, monkeypatch):
@@ -266,6 +275,7 @@ def test_identical_files_keep_one_document(tokenizer_file, tmp_path):
     (good_docs(), {"val_fraction": 0.0}, "--val-fraction 0.0 leaves no validation split, which pretraining needs "
                                          "to measure validation loss; use a value above 0"),
     (good_docs()[:1], {}, "only 1 document is left after cleaning, so none can be held out for validation"),
+    (good_docs(), {"val_fraction": float("nan")}, "--val-fraction nan is not a number"),
 ])
 def test_no_validation_split_is_refused_before_tokenizing(docs, settings, message, tokenizer_file, tmp_path,
                                                          monkeypatch):
@@ -274,3 +284,28 @@ def test_no_validation_split_is_refused_before_tokenizing(docs, settings, messag
     with pytest.raises(DataError, match=message):
         prepare(config_for(tmp_path / "in.jsonl", tokenizer_file, tmp_path / "out", **settings))
     assert not (tmp_path / "out").exists()
+
+
+def test_a_full_disk_is_one_error_and_keeps_the_old_data(corpus, tokenizer_file, tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    prepare(config_for(corpus, tokenizer_file, out))
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+
+    def disk_fills(self, tokens):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(ShardWriter, "write", disk_fills)
+    with pytest.raises(DataError, match=rf"{out}: the disk holding {tmp_path} is full .* the earlier data, if any, "
+                                        "is kept"):
+        prepare(config_for(corpus, tokenizer_file, out, shard_tokens=100, force=True))
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["corpus", "out"]
+
+
+def test_prepare_onto_a_really_full_disk(corpus, tokenizer_file, small_disk, capsys):
+    out = small_disk / "data"
+    code = main(["prepare", str(corpus), "--tokenizer", str(tokenizer_file), "--output", str(out), "--workers", "1",
+                 "--val-fraction", "0.1"])
+    err = capsys.readouterr().err.strip()
+    assert code == 1 and err.startswith(f"llamakit prepare: error: {out}: the disk holding") and "is full" in err
+    assert len(err.splitlines()) == 1 and list(small_disk.iterdir()) == []

@@ -122,9 +122,9 @@ def test_non_finite_or_mistyped_settings_are_rejected(bad, problem):
         SamplingParams(**bad)
 
 
-@pytest.mark.parametrize("temperature", [1e-30, 1e-38, 1e-45])
+@pytest.mark.parametrize("temperature", [1e-30, 1e-38, 1e-45, 1e-46, 1e-300])
 def test_a_tiny_temperature_samples_the_best_token(temperature):
-    # Dividing raw logits by it gives inf, and softmax(inf - inf) is nan: the draw would be token 0.
+    # Dividing raw logits by it gives inf, and softmax(inf - inf) is nan; below fp32's range it is 0 / 0: token 0.
     logits = _logits()
     assert torch.equal(sample(logits, SamplingParams(temperature=temperature), torch.Generator().manual_seed(0)),
                        logits.argmax(-1))

@@ -120,6 +120,9 @@ def test_bad_runs_fail_in_one_line(prepared, tmp_path, capsys):
     base = ["pretrain", str(TINY), *SMALL, "--data.path", str(prepared), "--checkpoint.out_dir", str(run)]
     assert main([*base, "--train.max_steps", "2", "--checkpoint.every", "1"]) == 0
     capsys.readouterr()
+    no_tokenizer = tmp_path / "no-tokenizer"
+    shutil.copytree(prepared, no_tokenizer)
+    (no_tokenizer / "tokenizer.model").unlink()
     cases = [
         ([*base, "--train.max_steps", "3"], "pass --resume"),  # the folder holds another run
         ([*base[:-1], str(tmp_path / "new"), "--model.vocab_size", "100"],
@@ -127,6 +130,8 @@ def test_bad_runs_fail_in_one_line(prepared, tmp_path, capsys):
         ([*base, "--train.max_steps", "3", "--resume", "--optim.lr", "0.5"], "optim.lr"),  # not the same run
         (["pretrain", str(TINY), "--optim.learning_rate", "1"], "learning_rate"),
         (["pretrain", str(TINY), "--data.path", str(tmp_path / "nothing")], "llamakit prepare"),
+        (["pretrain", str(TINY), *SMALL, "--data.path", str(no_tokenizer), "--checkpoint.out_dir", str(tmp_path / "x")],
+         f"{no_tokenizer / 'tokenizer.model'} is missing but {no_tokenizer / 'meta.json'} records sha256"),
         (["pretrain", str(tmp_path / "none.yaml")], "no such config"),
     ]
     for argv, message in cases:
