@@ -32,16 +32,16 @@ class SamplingParams:
             if isinstance(value, bool) or not isinstance(value, kind) or not math.isfinite(value):
                 what = "an integer" if kind is Integral else "a finite number"
                 raise ConfigError(f"bad sampling setting {name}={value!r}: {name} must be {what}")
-        checks = [
-            (self.temperature >= 0, "temperature must be >= 0 (0 is greedy)"),
-            (0 < self.top_p <= 1, "top_p must be in (0, 1] (1 disables nucleus sampling)"),
-            (self.top_k >= 0, "top_k must be >= 0 (0 disables it)"),
-            (0 <= self.min_p < 1, "min_p must be in [0, 1) (0 disables it)"),
-            (self.repetition_penalty > 0, "repetition_penalty must be > 0 (1 disables it)"),
-        ]
-        for ok, message in checks:
+        checks = {
+            "temperature": (self.temperature >= 0, "temperature must be >= 0 (0 is greedy)"),
+            "top_p": (0 < self.top_p <= 1, "top_p must be in (0, 1] (1 disables nucleus sampling)"),
+            "top_k": (self.top_k >= 0, "top_k must be >= 0 (0 disables it)"),
+            "min_p": (0 <= self.min_p < 1, "min_p must be in [0, 1) (0 disables it)"),
+            "repetition_penalty": (self.repetition_penalty > 0, "repetition_penalty must be > 0 (1 disables it)"),
+        }
+        for name, (ok, message) in checks.items():
             if not ok:
-                raise ConfigError(f"bad sampling setting {self}: {message}")
+                raise ConfigError(f"bad sampling setting {name}={getattr(self, name)!r}: {message}")
 
     @property
     def greedy(self) -> bool:
