@@ -138,7 +138,7 @@ def initial_loss(stack: str, model, batch: dict[str, torch.Tensor]) -> float:
     from llamakit.train.objectives import NextTokenLoss
 
     objective = NextTokenLoss()
-    return float(objective.loss(model, batch)) / objective.weight(batch)
+    return float(objective.loss(model, batch)[0]) / objective.weight(batch)
 
 
 def optimizer_numbers(optimizer: torch.optim.Optimizer) -> tuple[int, int]:

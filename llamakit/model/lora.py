@@ -6,6 +6,8 @@ is untouched. Names follow PEFT (`base_layer`, `lora_A`, `lora_B`), so adapters 
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -50,6 +52,7 @@ class LoRALinear(nn.Module):
         kwargs = {"device": base.weight.device, "dtype": torch.float32}
         self.lora_A = nn.Linear(base.in_features, rank, bias=False, **kwargs)
         self.lora_B = nn.Linear(rank, base.out_features, bias=False, **kwargs)
+        self.disabled = False  # True inside disable_lora: the base layer alone
         self.reset_lora()
 
     @torch.no_grad()
@@ -64,6 +67,8 @@ class LoRALinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base_layer(x)
+        if self.disabled:
+            return y
         update = self.lora_B(self.lora_A(self.lora_dropout(x.to(self.lora_A.weight.dtype))))
         return y + (update * self.scaling).to(y.dtype)
 
@@ -90,6 +95,19 @@ def apply_lora(model: nn.Module, cfg: LoRAConfig) -> list[str]:
 def lora_modules(model: nn.Module) -> dict[str, LoRALinear]:
     """The model's LoRA wrappers by module name."""
     return {name: m for name, m in model.named_modules() if isinstance(m, LoRALinear)}
+
+
+@contextlib.contextmanager
+def disable_lora(model: nn.Module) -> Iterator[nn.Module]:
+    """Inside, every LoRA wrapper computes only its base layer: a LoRA policy serves as its own frozen reference."""
+    before = {module: module.disabled for module in lora_modules(model).values()}
+    for module in before:
+        module.disabled = True
+    try:
+        yield model
+    finally:
+        for module, disabled in before.items():  # nested uses restore what the outer one set
+            module.disabled = disabled
 
 
 @torch.no_grad()

@@ -1,9 +1,10 @@
 """Training: one loop for every method, the LLaMA optimizer recipe, parallelism from outside, exact resume."""
 
-from llamakit.train.config import PretrainConfig, parse_config
+from llamakit.train.config import PretrainConfig, RunConfig, parse_config
 from llamakit.train.loop import LoopData, LoopSettings, evaluate, train
-from llamakit.train.objectives import NextTokenLoss
+from llamakit.train.objectives import NextTokenLoss, Objective
 from llamakit.train.pretrain import pretrain
+from llamakit.train.runner import Job, run
 
-__all__ = ["LoopData", "LoopSettings", "NextTokenLoss", "PretrainConfig", "evaluate", "parse_config", "pretrain",
-           "train"]
+__all__ = ["Job", "LoopData", "LoopSettings", "NextTokenLoss", "Objective", "PretrainConfig", "RunConfig", "evaluate",
+           "parse_config", "pretrain", "run", "train"]

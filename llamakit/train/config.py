@@ -98,10 +98,12 @@ class LogSection:
 
 
 @dataclass
-class PretrainConfig:
-    command: ClassVar[str] = "pretrain"
-    model: ModelSection = field(default_factory=ModelSection)
-    data: DataSection = field(default_factory=DataSection)
+class RunConfig:
+    """The sections every training command shares; a method's config adds its own (model, data, method, ...).
+
+    Every method's data section has a `seq_len`: the training window."""
+
+    command: ClassVar[str] = "train"
     optim: OptimSection = field(default_factory=OptimSection)
     train: TrainSection = field(default_factory=TrainSection)
     eval: EvalSection = field(default_factory=EvalSection)
@@ -110,6 +112,13 @@ class PretrainConfig:
 
     def __post_init__(self) -> None:
         check(self)
+
+
+@dataclass
+class PretrainConfig(RunConfig):
+    command: ClassVar[str] = "pretrain"
+    model: ModelSection = field(default_factory=ModelSection)
+    data: DataSection = field(default_factory=DataSection)
 
 
 def check(cfg) -> None:
@@ -162,7 +171,7 @@ def model_config(section: ModelSection, vocab_size: int, seq_len: int) -> ModelC
     return ModelConfig(**overrides)
 
 
-def parse_config(path: str | Path, overrides: list[str] = (), kind: type = PretrainConfig):
+def parse_config(path: str | Path, overrides: list[str] = (), kind: type[RunConfig] = PretrainConfig):
     """Read a YAML preset of a `kind` config and apply `--section.key value` overrides; unknown keys and bad
     values are errors."""
     if not Path(path).is_file():
@@ -181,7 +190,14 @@ def parse_config(path: str | Path, overrides: list[str] = (), kind: type = Pretr
     return kind(**{f.name: sections[f.name] for f in dataclasses.fields(kind)})
 
 
-def config_parser(kind: type = PretrainConfig):
+def run_sections(kind: type[RunConfig]) -> list[dataclasses.Field]:
+    """A run config's sections in reading order: the method's own (model, data, ...), then the shared ones."""
+    shared = {f.name for f in dataclasses.fields(RunConfig)}
+    fields = dataclasses.fields(kind)
+    return [f for f in fields if f.name not in shared] + [f for f in fields if f.name in shared]
+
+
+def config_parser(kind: type[RunConfig] = PretrainConfig):
     """The jsonargparse parser for a run config's sections (its --help lists every key)."""
     from jsonargparse import ActionConfigFile, ArgumentParser
 
@@ -190,7 +206,7 @@ def config_parser(kind: type = PretrainConfig):
     parser.add_argument("--config", action=ActionConfigFile, help=f"a YAML preset, e.g. configs/{command}/tiny.yaml")
     # The command's own flag (cli/train.py), so that `llamakit pretrain CONFIG.yaml --help` lists it too.
     parser.add_argument("--resume", action="store_true", help="continue the run in checkpoint.out_dir")
-    for section in dataclasses.fields(kind):
+    for section in run_sections(kind):
         parser.add_class_arguments(section.default_factory, section.name, fail_untyped=True)
     return parser
 
@@ -199,7 +215,8 @@ def dump_yaml(cfg) -> str:
     """The resolved config as YAML, loadable again with parse_config."""
     import yaml
 
-    return yaml.safe_dump(json_ready(dataclasses.asdict(cfg)), sort_keys=False)
+    sections = {f.name: dataclasses.asdict(getattr(cfg, f.name)) for f in run_sections(type(cfg))}
+    return yaml.safe_dump(json_ready(sections), sort_keys=False)
 
 
 def json_ready(value):

@@ -20,18 +20,11 @@ from llamakit.model import Transformer
 from llamakit.model.lora import LoRAConfig, apply_lora
 from llamakit.model.prefix import PrefixConfig, apply_prefix_tuning, apply_prompt_tuning
 from llamakit.tokenizer import check_vocab, load_tokenizer
-from llamakit.train.config import (
-    CheckpointSection,
-    EvalSection,
-    LogSection,
-    OptimSection,
-    TrainSection,
-    check,
-)
+from llamakit.train.config import CheckpointSection, RunConfig
 from llamakit.train.metrics import flops_per_token
 from llamakit.train.objectives import NextTokenLoss
 from llamakit.train.parallel import Processes
-from llamakit.train.runner import Job, loop_data, processes, run_training
+from llamakit.train.runner import Job, loop_data, run
 
 log = logging.getLogger(__name__)
 METHODS = ("full", "lora", "prefix", "prompt")
@@ -61,19 +54,15 @@ class FinetuneCheckpoints(CheckpointSection):
 
 
 @dataclass
-class FinetuneConfig:
+class FinetuneConfig(RunConfig):
     command: ClassVar[str] = "finetune"
+    checkpoint: FinetuneCheckpoints = field(default_factory=FinetuneCheckpoints)
     model: BaseModelSection = field(default_factory=BaseModelSection)
     method: MethodSection = field(default_factory=MethodSection)
     data: SFTDataConfig = field(default_factory=SFTDataConfig)
-    optim: OptimSection = field(default_factory=OptimSection)
-    train: TrainSection = field(default_factory=TrainSection)
-    eval: EvalSection = field(default_factory=EvalSection)
-    checkpoint: FinetuneCheckpoints = field(default_factory=FinetuneCheckpoints)
-    log: LogSection = field(default_factory=LogSection)
 
     def __post_init__(self) -> None:
-        check(self)
+        super().__post_init__()
         if self.method.name not in METHODS:
             raise ConfigError(f"method.name={self.method.name!r}; choose one of {', '.join(METHODS)}")
         if self.method.name == "full" and self.model.dtype != "fp32":
@@ -83,11 +72,11 @@ class FinetuneConfig:
 
 def finetune(cfg: FinetuneConfig, resume: bool = False) -> Path:
     """Fine-tune and return final/: a model folder (full) or a PEFT adapter folder (lora, prefix, prompt)."""
-    with processes(cfg.train.device, cfg.checkpoint.out_dir) as procs:
-        return _run(cfg, resume, procs)
+    return run(cfg, build_job, resume)
 
 
-def _run(cfg: FinetuneConfig, resume: bool, procs: Processes) -> Path:
+def build_job(cfg: FinetuneConfig, procs: Processes) -> Job:
+    """The base model with the method applied, next-token loss on the answers, and the SFT examples."""
     tokenizer = _tokenizer(cfg.model)
     train_set, val_set, report = load_sft(cfg.data, tokenizer)  # logs its report: examples, truncated, dropped
     model = load_model(cfg.model.path, dtype=cfg.model.dtype, device=procs.device)
@@ -104,9 +93,8 @@ def _run(cfg: FinetuneConfig, resume: bool, procs: Processes) -> Path:
              100 * trainable / model.num_params(), model.num_params())
     # Frozen weights need no weight gradients: the backward pass costs 2N instead of 4N FLOPs per token.
     flops = flops_per_token(model.config, cfg.data.seq_len) * (1 if adapter is None else 4 / 6)
-    job = Job(model.train(), NextTokenLoss(), loop_data(cfg, train_set, val_set, procs), tokenizer, flops,
-              adapter=adapter, base=str(cfg.model.path))
-    return run_training(cfg, job, procs, resume)
+    return Job(model.train(), NextTokenLoss(), loop_data(cfg, train_set, val_set, procs), tokenizer, flops,
+               adapter=adapter, base=str(cfg.model.path))
 
 
 def apply_method(model: Transformer, method: MethodSection) -> LoRAConfig | PrefixConfig | None:

@@ -2,8 +2,9 @@
 which parameters train.
 
 Each optimizer step: this process's micro-batches -> forward/backward each (gradients accumulate; the
-all-reduce happens once, on the last) -> clip -> AdamW step at the scheduled learning rate. The loss is
-normalised over the whole global batch, so results do not depend on how many processes share it.
+all-reduce happens once, on the last) -> clip -> AdamW step at the scheduled learning rate. The loss and the
+objective's own metrics are normalised by the weight of the whole global batch, so results do not depend on how
+many processes share it; tokens/s and MFU count the objective's tokens.
 """
 
 from __future__ import annotations
@@ -18,11 +19,10 @@ from torch import nn
 
 from llamakit.model import resolve_dtype
 from llamakit.train.metrics import MetricsLog
+from llamakit.train.objectives import Batch, Objective
 from llamakit.train.optim import set_lr
 from llamakit.train.parallel import all_reduce_sum, gradient_sync
 from llamakit.train.state import Checkpointer, TrainState
-
-Batch = dict[str, torch.Tensor]
 
 
 @dataclass
@@ -44,52 +44,54 @@ class LoopData:
     val_batches: list[Batch]  # this process's share of the validation set (the same at every evaluation)
 
 
-def train(model: nn.Module, objective, optimizer: torch.optim.Optimizer, schedule: Callable[[int], float],
+def train(model: nn.Module, objective: Objective, optimizer: torch.optim.Optimizer, schedule: Callable[[int], float],
           data: LoopData, settings: LoopSettings, state: TrainState, checkpointer: Checkpointer,
           metrics: MetricsLog, scaler: torch.amp.GradScaler | None = None) -> TrainState:
     """Run optimizer steps state.step .. max_steps - 1, evaluating, logging and checkpointing on the way."""
     device = next(model.parameters()).device
     autocast = _autocast(settings.precision, device)
     if state.step == 0 and settings.eval_every:  # the starting point of the validation curve
-        metrics.record(0, {"val_loss": evaluate(model, objective, data.val_batches, autocast, device)}, show=True)
+        metrics.record(0, evaluate(model, objective, data.val_batches, autocast, device), show=True)
     model.train()
     while state.step < settings.max_steps:
         start = time.perf_counter()
         lr = schedule(state.step)
         set_lr(optimizer, lr)
-        loss, weight, grad_norm = _step(model, objective, optimizer, data.train_step(state.step), autocast,
-                                        settings, scaler, device)
+        means, tokens, grad_norm = _step(model, objective, optimizer, data.train_step(state.step), autocast,
+                                         settings, scaler, device)
         state.step += 1
-        state.tokens_seen += int(weight)
+        state.tokens_seen += int(tokens)
         seconds = time.perf_counter() - start
-        values = {"loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens_per_s": weight / seconds,
+        values = {**means, "lr": lr, "grad_norm": grad_norm, "tokens_per_s": tokens / seconds,
                   "tokens_seen": state.tokens_seen}
         if settings.peak_flops:
-            values["mfu"] = weight * settings.flops_per_token / seconds / (settings.peak_flops * settings.world_size)
+            values["mfu"] = tokens * settings.flops_per_token / seconds / (settings.peak_flops * settings.world_size)
         last = state.step == settings.max_steps
         if (settings.eval_every and state.step % settings.eval_every == 0) or last:
-            values["val_loss"] = evaluate(model, objective, data.val_batches, autocast, device)
+            values.update(evaluate(model, objective, data.val_batches, autocast, device))
         metrics.record(state.step, values, show=state.step % settings.log_every == 0 or last or "val_loss" in values)
         if settings.save_every and state.step % settings.save_every == 0 and not last:
             checkpointer.save(model, optimizer, scaler, state)
     return state
 
 
-def _step(model, objective, optimizer, micro_batches: list[Batch], autocast, settings: LoopSettings, scaler,
-          device) -> tuple[float, float, float]:
-    """One optimizer step; returns the global mean loss, the global weight (target tokens) and the grad norm."""
-    (weight,) = all_reduce_sum([sum(objective.weight(b) for b in micro_batches)], device)
+def _step(model, objective: Objective, optimizer, micro_batches: list[Batch], autocast, settings: LoopSettings,
+          scaler, device) -> tuple[dict[str, float], float, float]:
+    """One optimizer step; returns the global means (loss and the objective's metrics, each sum / global weight),
+    the global token count and the grad norm."""
+    weight, tokens = all_reduce_sum([sum(objective.weight(b) for b in micro_batches),
+                                     sum(objective.tokens(b) for b in micro_batches)], device)
     # DDP and FSDP average gradients over processes; scale by world_size so the sum over all target
     # tokens is divided exactly once, by the global weight.
     scale = settings.world_size / weight
-    total = torch.zeros((), device=device, dtype=torch.float64)
+    sums: dict[str, torch.Tensor] = {}
     for i, batch in enumerate(micro_batches):
         batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
         with gradient_sync(model, enabled=i == len(micro_batches) - 1), autocast:
-            loss_sum = objective.loss(model, batch)
+            loss_sum, own = objective.loss(model, batch)
         scaled = loss_sum * scale
         (scaler.scale(scaled) if scaler is not None else scaled).backward()
-        total += loss_sum.detach()
+        _accumulate(sums, {**own, "loss": loss_sum})
     if scaler is not None:
         scaler.unscale_(optimizer)
     grad_norm = nn.utils.clip_grad_norm_(model.parameters(), settings.grad_clip or float("inf"))
@@ -101,23 +103,37 @@ def _step(model, objective, optimizer, micro_batches: list[Batch], autocast, set
     else:
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    (loss,) = all_reduce_sum([float(total)], device)
-    return loss / weight, weight, float(grad_norm)
+    return _global_means(sums, weight, device), tokens, float(grad_norm)
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, objective, batches: list[Batch], autocast, device) -> float:
-    """Mean objective over the validation batches of every process."""
+def evaluate(model: nn.Module, objective: Objective, batches: list[Batch], autocast, device) -> dict[str, float]:
+    """The objective's loss and metrics over the validation batches of every process: val_loss, val_<metric>."""
     model.eval()
-    total, weight = 0.0, 0.0
+    sums: dict[str, torch.Tensor] = {}
+    weight = 0.0
     for batch in batches:
         batch = {k: v.to(device) for k, v in batch.items()}
         with autocast:
-            total += float(objective.loss(model, batch))
+            loss_sum, own = objective.loss(model, batch)
+        _accumulate(sums, {**own, "loss": loss_sum})
         weight += objective.weight(batch)
     model.train()
-    total, weight = all_reduce_sum([total, weight], device)
-    return total / max(weight, 1)
+    (weight,) = all_reduce_sum([weight], device)
+    return {f"val_{name}": value for name, value in _global_means(sums, max(weight, 1), device).items()}
+
+
+def _accumulate(sums: dict[str, torch.Tensor], values: dict[str, torch.Tensor]) -> None:
+    """Add a micro-batch's summed loss and metrics to the step's running sums (float64, detached)."""
+    for name, value in values.items():
+        sums[name] = sums.get(name, 0) + value.detach().to(torch.float64)
+
+
+def _global_means(sums: dict[str, torch.Tensor], weight: float, device) -> dict[str, float]:
+    """Each sum over every process, divided by the global weight (every process reports the same names)."""
+    names = sorted(sums)
+    totals = all_reduce_sum([float(sums[name]) for name in names], device)
+    return {name: total / weight for name, total in zip(names, totals)}
 
 
 def _autocast(precision: str, device: torch.device):

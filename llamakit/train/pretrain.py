@@ -20,18 +20,18 @@ from llamakit.train.loop import LoopData
 from llamakit.train.metrics import flops_per_token
 from llamakit.train.objectives import NextTokenLoss
 from llamakit.train.parallel import Processes
-from llamakit.train.runner import Job, loop_data, processes, run_training
+from llamakit.train.runner import Job, loop_data, run
 
 log = logging.getLogger(__name__)
 
 
 def pretrain(cfg: PretrainConfig, resume: bool = False) -> Path:
     """Train from scratch (or from model.init_from) and return the final/ folder."""
-    with processes(cfg.train.device, cfg.checkpoint.out_dir) as procs:
-        return _run(cfg, resume, procs)
+    return run(cfg, build_job, resume)
 
 
-def _run(cfg: PretrainConfig, resume: bool, procs: Processes) -> Path:
+def build_job(cfg: PretrainConfig, procs: Processes) -> Job:
+    """The model, next-token loss and packed windows of the prepared shards."""
     shards = TokenShards(cfg.data.path, "train")
     check_tokenizer_copy(shards.root, shards.meta)  # a missing or replaced copy is named before it is loaded
     tokenizer = load_tokenizer(shards.tokenizer_path)
@@ -39,8 +39,8 @@ def _run(cfg: PretrainConfig, resume: bool, procs: Processes) -> Path:
     _check_vocab_size(cfg.model, tokenizer)
     model = _build_model(cfg, shards.vocab_size, procs)
     check_vocab(tokenizer, model.config.vocab_size, cfg.model.init_from or "model.vocab_size")
-    return run_training(cfg, Job(model, NextTokenLoss(), _data(cfg, shards, procs), tokenizer,
-                                 flops_per_token(model.config, cfg.data.seq_len)), procs, resume)
+    return Job(model, NextTokenLoss(), _data(cfg, shards, procs), tokenizer,
+               flops_per_token(model.config, cfg.data.seq_len))
 
 
 def _check_vocab_size(section: ModelSection, tokenizer: Tokenizer) -> None:

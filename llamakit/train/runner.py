@@ -5,7 +5,8 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -16,9 +17,10 @@ from llamakit.errors import ConfigError
 from llamakit.model import resolve_dtype
 from llamakit.tokenizer import Tokenizer
 from llamakit.train.batches import Samples, StepBatches, eval_batches
-from llamakit.train.config import accumulation_steps, dump_yaml
+from llamakit.train.config import RunConfig, accumulation_steps, dump_yaml
 from llamakit.train.loop import LoopData, LoopSettings, train
 from llamakit.train.metrics import MetricsLog, peak_flops, plot_losses
+from llamakit.train.objectives import Objective
 from llamakit.train.optim import build_optimizer, lr_at
 from llamakit.train.parallel import Processes, close_processes, init_processes, keep_freed_memory, parallelize
 from llamakit.train.run_folder import own_run_folder
@@ -32,15 +34,26 @@ RESUMABLE_CHANGES = ("train.max_steps", "checkpoint", "log", "eval", "train.devi
 
 @dataclass
 class Job:
-    """What a method brings to the loop: the model (its trainable parameters marked), objective and data."""
+    """What a method brings to the loop: the model (its trainable parameters marked), objective and data, and
+    any frozen models the objective reads (a reference, a reward or a value model)."""
 
     model: nn.Module
-    objective: object
+    objective: Objective
     data: LoopData
     tokenizer: Tokenizer
     flops_per_token: float
     adapter: object | None = None  # LoRAConfig/PrefixConfig: checkpoints hold only the adapter
     base: str | None = None  # the base model an adapter belongs to
+    # Placed on the device and sharded in place like the policy (so the objective may hold the same modules),
+    # in eval mode with no gradients; never trained, never checkpointed.
+    aux: dict[str, nn.Module] = field(default_factory=dict)
+
+
+def run(cfg: RunConfig, build_job: Callable[[RunConfig, Processes], Job], resume: bool = False) -> Path:
+    """Every training command: own the run folder, build the method's job on this process, train it; returns the
+    final/ folder."""
+    with processes(cfg.train.device, cfg.checkpoint.out_dir) as procs:
+        return run_training(cfg, build_job(cfg, procs), procs, resume)
 
 
 @contextlib.contextmanager
@@ -57,7 +70,7 @@ def processes(device: str, out_dir: str | Path):
         close_processes()
 
 
-def run_training(cfg, job: Job, procs: Processes, resume: bool) -> Path:
+def run_training(cfg: RunConfig, job: Job, procs: Processes, resume: bool) -> Path:
     """Train job with the run config's optimizer, schedule and checkpoints; returns the final/ folder."""
     out_dir = Path(cfg.checkpoint.out_dir)
     checkpointer = Checkpointer(out_dir, cfg.checkpoint.keep_last, procs, job.tokenizer, dump_yaml(cfg),
@@ -66,6 +79,8 @@ def run_training(cfg, job: Job, procs: Processes, resume: bool) -> Path:
     if latest == checkpointer.final:  # a finished run
         return latest
     model = parallelize(job.model, cfg.train, procs)
+    for name, frozen in job.aux.items():
+        job.aux[name] = parallelize(frozen.to(procs.device).eval().requires_grad_(False), cfg.train, procs)
     optimizer = build_optimizer(model, cfg.optim)
     scaler = torch.amp.GradScaler(procs.device.type) if cfg.train.precision == "fp16" else None
     state = checkpointer.load(latest, model, optimizer, scaler) if latest else TrainState()
@@ -93,7 +108,7 @@ def run_training(cfg, job: Job, procs: Processes, resume: bool) -> Path:
     return final
 
 
-def loop_data(cfg, train_set: Samples, val_set: Samples, procs: Processes) -> LoopData:
+def loop_data(cfg: RunConfig, train_set: Samples, val_set: Samples, procs: Processes) -> LoopData:
     """This process's micro-batches of each step, and its share of the validation set."""
     micro = cfg.train.micro_batch_size
     accumulation_steps(cfg.train, procs.world_size)  # fails early if the global batch does not split evenly
@@ -101,7 +116,7 @@ def loop_data(cfg, train_set: Samples, val_set: Samples, procs: Processes) -> Lo
     return LoopData(steps.train_step, eval_batches(val_set, cfg.eval.batches, micro, procs.rank, procs.world_size))
 
 
-def check_run_folder(cfg, checkpointer: Checkpointer, resume: bool) -> Path | None:
+def check_run_folder(cfg: RunConfig, checkpointer: Checkpointer, resume: bool) -> Path | None:
     """The checkpoint to resume from (None: start afresh), or final/ when the run is already finished; refuses
     to mix two different runs in one folder."""
     out_dir, latest, final = checkpointer.out_dir, checkpointer.latest(), checkpointer.final

@@ -40,7 +40,7 @@ FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)  # gathered to r
 @dataclass
 class TrainState:
     step: int = 0  # optimizer steps done
-    tokens_seen: int = 0  # target tokens trained on, over all processes
+    tokens_seen: int = 0  # tokens processed (Objective.tokens), over all processes
 
 
 class Checkpointer:

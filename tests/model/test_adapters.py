@@ -5,7 +5,7 @@ import torch
 
 from llamakit import load_model
 from llamakit.errors import ConfigError
-from llamakit.model.lora import LINEAR_NAMES, LoRAConfig, LoRALinear, apply_lora, merge_lora
+from llamakit.model.lora import LINEAR_NAMES, LoRAConfig, LoRALinear, apply_lora, disable_lora, merge_lora
 from llamakit.model.prefix import PrefixConfig, apply_prefix_tuning, apply_prompt_tuning
 from tests.helpers import hf_llama, random_tokens
 
@@ -60,6 +60,23 @@ def test_merged_equals_unmerged(base):
     merge_lora(model)
     assert not any(isinstance(m, LoRALinear) for m in model.modules())
     assert (model(tokens) - unmerged).abs().max() <= TOL
+
+
+def test_disable_lora_gives_the_base_model_inside_and_the_adapted_one_outside(base):
+    _, folder, tokens = base
+    expected = load_model(folder)(tokens)
+    model = load_model(folder)
+    apply_lora(model, LoRAConfig(rank=4, dropout=0.1, targets=("all-linear",)))
+    _perturb(model)
+    model.eval()
+    adapted = model(tokens)
+    assert (adapted - expected).abs().max() > 0.1
+    with disable_lora(model):
+        assert torch.equal(model(tokens), expected)  # a LoRA policy as its own reference
+        with disable_lora(model):
+            pass
+        assert torch.equal(model(tokens), expected)  # a nested use leaves the outer one in force
+    assert torch.equal(model(tokens), adapted)
 
 
 def test_lora_on_a_bf16_base_trains_fp32_updates(base):

@@ -23,8 +23,8 @@ def _packed_vs_alone(model, examples):
     packed = SFTExamples([examples], pad_id=0, packed=True).batch([0])
     alone = [SFTExamples([[e]], pad_id=0).batch([0]) for e in examples]
     with torch.no_grad():
-        together = objective.loss(model, packed)
-        separate = sum(objective.loss(model, b) for b in alone)
+        together, _ = objective.loss(model, packed)
+        separate = sum(objective.loss(model, b)[0] for b in alone)
     assert objective.weight(packed) == sum(objective.weight(b) for b in alone) == sum(e.num_targets for e in examples)
     return together, separate
 
