@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import ctypes
 import functools
 import gc
 import itertools
@@ -47,14 +46,14 @@ import torch
 import torch.nn.functional as F
 
 from llamakit.checkpoint.hf import config_to_hf
+from llamakit.data.sft_examples import IGNORE_INDEX
 from llamakit.model import ModelConfig, Transformer
-from llamakit.train.batches import IGNORE_INDEX
 from llamakit.train.config import OptimSection, TrainSection
 from llamakit.train.loop import LoopData, LoopSettings, train
 from llamakit.train.metrics import MetricsLog, flops_per_token, peak_flops
 from llamakit.train.objectives import NextTokenLoss
 from llamakit.train.optim import build_optimizer, param_groups
-from llamakit.train.parallel import init_processes, parallelize
+from llamakit.train.parallel import init_processes, keep_freed_memory, parallelize
 from llamakit.train.state import Checkpointer, TrainState
 
 CONFIGS = {  # ~15M and ~110M: the tinyllamas shapes; ~1B: TinyLlama-1.1B's shape (GQA, 32k vocabulary)
@@ -125,7 +124,7 @@ def check_same_loss(config: ModelConfig, batch: dict[str, torch.Tensor], device:
     ours, theirs = build_ours(config, device), build_theirs(config, device)
     batch = {k: v.to(device) for k, v in batch.items()}
     objective = NextTokenLoss()
-    a = float(objective.loss(ours, batch)) / objective.weight(batch)
+    a = float(objective.loss(ours, batch)[0]) / objective.weight(batch)
     b = float(hf_loss(theirs, batch))
     assert abs(a - b) < 1e-4, f"initial losses differ: llamakit {a:.6f}, transformers {b:.6f}"
     return a
@@ -263,7 +262,7 @@ def part_probes(row: Row, batch: dict[str, torch.Tensor], precision: str, device
 
     def forward_backward():
         with autocast:
-            objective.loss(model, batch).backward()
+            objective.loss(model, batch)[0].backward()
 
     def head():
         with autocast:
@@ -410,18 +409,6 @@ def take_turns(rows: dict[str, Row], steps: int, device, peaks: dict[str, float]
 def minor_faults() -> int:
     """Page faults this process has taken without disk I/O: each maps a fresh page (4 KiB) of memory."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-
-
-def keep_freed_memory() -> None:
-    """Make glibc's malloc keep freed memory instead of returning it to the OS (unmapping it).
-
-    By default a block above 32 MiB (logits: B*T*vocab*4 bytes = 268 MB here) is mmap-ed and unmapped
-    again when freed, so the next step's block of the same size is page-faulted in, 4 KiB at a time,
-    zeroed by the kernel. Without mmap and with a high trim threshold, the heap keeps it for reuse."""
-    libc = ctypes.CDLL("libc.so.6")
-    M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4  # from glibc's malloc.h
-    if not (libc.mallopt(M_MMAP_MAX, 0) and libc.mallopt(M_TRIM_THRESHOLD, 2**31 - 1)):
-        raise RuntimeError("mallopt refused the settings")
 
 
 def finish_row(summary: dict, label: str, plan, rows: dict, device, peaks, args) -> None:

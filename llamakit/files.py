@@ -1,4 +1,5 @@
-"""File-system steps every layer shares (a neutral leaf: it imports nothing from the package)."""
+"""File-system steps every layer shares (a neutral leaf: it imports nothing from the package): atomic writes of
+files and folders (temp sibling + rename), and telling a full disk from other write errors."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import contextlib
 import errno
 import os
 import shutil
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 
@@ -35,3 +37,70 @@ def disk_full(error: BaseException, where: Path) -> bool:
     with contextlib.suppress(OSError):
         return short_write and shutil.disk_usage(where).free < 2**20
     return False
+
+
+@contextlib.contextmanager
+def atomic_file(dst: Path, *, full: Callable[[], BaseException] | None = None) -> Iterator[Path]:
+    """Yield a temporary sibling path for the caller to write; once the block finishes it is flushed to disk and
+    renamed over dst, so dst is never half-written. On an error the temporary is removed; when the disk ran
+    out of space, full() is raised instead of the writer's own error."""
+    dst = Path(dst)
+    tmp = dst.with_name(f".{dst.name}.tmp-{os.getpid()}")
+    try:
+        yield tmp
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, dst)
+    except BaseException as e:
+        _clean_up(e, tmp.parent, full, lambda: tmp.unlink(missing_ok=True))
+        raise
+
+
+@contextlib.contextmanager
+def atomic_directory(dst: Path, *, full: Callable[[], BaseException] | None = None,
+                     unwritable: Callable[[OSError], BaseException] | None = None) -> Iterator[Path]:
+    """Yield a new temporary sibling folder that replaces dst (move_into_place) once the block finishes, every
+    file in it flushed to disk. On an error it is removed; full() is raised when the disk ran out of space, and
+    unwritable(error) when the folder cannot be made."""
+    dst = Path(dst)
+    tmp = dst.with_name(f".{dst.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)  # left by an earlier run that had this process id
+    try:
+        tmp.mkdir(parents=True)
+    except OSError as e:
+        if unwritable is None:
+            raise
+        raise unwritable(e) from None
+    try:
+        yield tmp
+        _finish_tree(tmp)
+        move_into_place(tmp, dst)
+    except BaseException as e:
+        _clean_up(e, tmp, full, lambda: shutil.rmtree(tmp, ignore_errors=True))
+        raise
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """Write data to path through a temporary sibling (atomic_file)."""
+    with atomic_file(path) as tmp:
+        tmp.write_bytes(data)
+
+
+def _clean_up(error: BaseException, where: Path, full: Callable[[], BaseException] | None,
+              remove: Callable[[], None]) -> None:
+    """Remove a failed write's temporary; raise full() when the disk ran out (judged before removing it)."""
+    out_of_space = full is not None and disk_full(error, where)
+    remove()
+    if out_of_space:
+        raise full() from None
+
+
+def _finish_tree(folder: Path) -> None:
+    """Flush every file to disk and give it the usual permissions (some writers create them 0600)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in folder.rglob("*"):
+        if path.is_file():
+            os.chmod(path, 0o666 & ~umask)
+            with open(path, "rb") as f:
+                os.fsync(f.fileno())

@@ -1,13 +1,19 @@
-"""Where a model runs: the device a user names, checked against this machine, and the dtype that suits it.
+"""Where a model runs: the device a user names, checked against this machine, the dtype that suits it, and the
+processes of a torchrun job with their DeviceMesh.
 
-A neutral module that every layer may import: it imports only torch and llamakit.errors.
+A neutral module that every layer (training, generation, eval) may import: it imports only torch and
+llamakit.errors.
 """
 
 from __future__ import annotations
 
+import atexit
 import os
+from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
 from llamakit.errors import LlamakitError
 
@@ -66,6 +72,64 @@ def _unavailable(device: torch.device) -> str | None:
     if device.type == "meta":
         return "the meta device holds shapes but no values, so nothing can run on it"
     return f"llamakit does not run on {device.type} devices"
+
+
+@dataclass(frozen=True)
+class Processes:
+    """This process's place in the job (torchrun sets RANK, WORLD_SIZE, LOCAL_RANK)."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def init_processes(device: str | torch.device | None = "auto", option: str = "device") -> Processes:
+    """Join the torchrun job if there is one (NCCL on CUDA, gloo on CPU) and pick this process's device.
+
+    A group started here is closed at exit, once every process has reached it, unless close_processes() came first.
+    """
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+    dev = resolve_device(device, option)
+    if dev.type == "cuda":
+        dev = torch.device("cuda", local_rank if dev.index is None else dev.index)
+        torch.cuda.set_device(dev)
+    if world_size > 1 and not dist.is_initialized():
+        dist.init_process_group(_backend(dev))
+        atexit.register(_leave_together)
+    return Processes(rank, world_size, local_rank, dev)
+
+
+def device_mesh(procs: Processes) -> DeviceMesh:
+    """The job's processes as a 1-D data-parallel mesh, dimension "dp" (a tensor-parallel one comes later).
+
+    A single process outside torchrun gets a one-process group of its own, so the mesh works everywhere.
+    """
+    if not dist.is_initialized():
+        dist.init_process_group(_backend(procs.device), store=dist.HashStore(), rank=0, world_size=1)
+    return init_device_mesh(procs.device.type, (procs.world_size,), mesh_dim_names=("dp",))
+
+
+def close_processes() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def _leave_together() -> None:
+    """At exit, wait for every process before closing the group: gloo aborts a process ("terminate called
+    without an active exception") whose peers tore the group down first."""
+    if dist.is_initialized():
+        dist.barrier()
+        close_processes()
+
+
+def _backend(device: torch.device) -> str:
+    return "nccl" if device.type == "cuda" else "gloo"
 
 
 def process_running(pid: int) -> bool:

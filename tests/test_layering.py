@@ -56,6 +56,12 @@ def test_leaves_import_only_errors():
         assert not path.exists() or _imported_layers(path) <= {"errors"}, path
 
 
+@pytest.mark.parametrize("text", ["init_process_group", "init_device_mesh", "WORLD_SIZE", "LOCAL_RANK"])
+def test_only_the_runtime_sets_up_processes(text):
+    """Training, generation and eval join a torchrun job through llamakit.runtime, never on their own."""
+    assert [p for p in PACKAGE.rglob("*.py") if text in p.read_text()] == [PACKAGE / "runtime.py"]
+
+
 def test_nothing_imports_the_cli():
     """Modules of the llamakit.cli package may import each other; outside it only `python -m llamakit` may."""
     cli = PACKAGE / "cli"

@@ -1,13 +1,18 @@
-"""Device choice: a device this machine cannot run on is a one-line error in every command, never a traceback."""
+"""Device choice: a device this machine cannot run on is a one-line error in every command, never a traceback.
+Processes: a torchrun job's ranks join one group and one data-parallel DeviceMesh."""
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
+import torch.distributed as dist
 
 from llamakit.cli import main
 from llamakit.errors import LlamakitError
-from llamakit.runtime import default_device, resolve_device
+from llamakit.runtime import Processes, close_processes, default_device, device_mesh, init_processes, resolve_device
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -90,3 +95,44 @@ def test_the_harness_falls_back_to_cpu_for_lm_evals_default_cuda_only(cpu_only, 
     assert "CUDA is not available" in caplog.text
     with pytest.raises(LlamakitError, match="device 'tpu' is not a device name"):
         harness._device("tpu")
+
+
+WORKER = """
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from llamakit.runtime import device_mesh, init_processes
+
+procs = init_processes("cpu")
+mesh = device_mesh(procs)
+total = torch.tensor([procs.rank + 1.0])
+dist.all_reduce(total, group=mesh.get_group("dp"))
+seen = f"{procs.world_size} {dist.get_backend()} {mesh.mesh_dim_names} {mesh.size()} {int(total)}"
+Path(sys.argv[1], f"rank{procs.rank}.txt").write_text(seen)  # one file each: printed lines could interleave
+"""
+
+
+def test_torchrun_ranks_join_one_gloo_group_and_a_data_parallel_mesh(tmp_path):
+    (tmp_path / "worker.py").write_text(WORKER)
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                             str(tmp_path / "worker.py"), str(tmp_path)], env={**os.environ, "OMP_NUM_THREADS": "1"},
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and "Traceback" not in result.stderr, result.stderr
+    for rank in (0, 1):  # each rank's sum over the mesh is 1 + 2
+        assert (tmp_path / f"rank{rank}.txt").read_text() == "2 gloo ('dp',) 2 3"
+
+
+def test_a_single_process_has_a_one_process_mesh(cpu_only, monkeypatch):
+    for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
+        monkeypatch.delenv(name, raising=False)
+    procs = init_processes("cpu")
+    assert procs == Processes(rank=0, world_size=1, local_rank=0, device=torch.device("cpu")) and procs.is_main
+    assert not dist.is_initialized()  # one process needs no group until it asks for the mesh
+    try:
+        mesh = device_mesh(procs)
+        assert mesh.mesh_dim_names == ("dp",) and mesh.size() == 1 and mesh.get_local_rank("dp") == 0
+    finally:
+        close_processes()
+    assert not dist.is_initialized()

@@ -4,15 +4,13 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
-import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 
+from llamakit import files
 from llamakit.errors import CheckpointError
-from llamakit.files import disk_full, move_into_place
 
 
 @contextlib.contextmanager
@@ -20,19 +18,9 @@ def atomic_directory(dst: Path, overwrite: bool = False) -> Iterator[Path]:
     """Yield a temporary sibling folder that is renamed to `dst` only if the block finishes."""
     dst = Path(dst)
     _check_destination(dst, overwrite, want_dir=True)
-    tmp = dst.with_name(f".{dst.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    _make(tmp.mkdir, dst)
-    try:
+    with files.atomic_directory(dst, full=lambda: _disk_full_error(dst),
+                                unwritable=lambda e: _unwritable_error(dst, e)) as tmp:
         yield tmp
-        _finish_tree(tmp)
-        move_into_place(tmp, dst)
-    except BaseException as e:
-        full = disk_full(e, tmp)
-        shutil.rmtree(tmp, ignore_errors=True)
-        if full:
-            raise _disk_full_error(dst) from None
-        raise
 
 
 @contextlib.contextmanager
@@ -40,18 +28,8 @@ def atomic_file(dst: Path, overwrite: bool = False) -> Iterator[Path]:
     """Yield a temporary path that replaces `dst` only if the block finishes."""
     dst = Path(dst)
     _check_destination(dst, overwrite, want_dir=False)
-    tmp = dst.with_name(f".{dst.name}.tmp-{os.getpid()}")
-    try:
+    with files.atomic_file(dst, full=lambda: _disk_full_error(dst)) as tmp:
         yield tmp
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, dst)
-    except BaseException as e:
-        full = disk_full(e, tmp.parent)
-        tmp.unlink(missing_ok=True)
-        if full:
-            raise _disk_full_error(dst) from None
-        raise
 
 
 def check_separate(src: Path, dst: Path) -> None:
@@ -76,26 +54,14 @@ def _check_destination(dst: Path, overwrite: bool, want_dir: bool) -> None:
         if dst.is_dir() != want_dir:
             raise CheckpointError(f"{dst}: exists and is a {'file' if want_dir else 'folder'}; "
                                   "refusing to replace it with a checkpoint " + ("folder" if want_dir else "file"))
-    _make(lambda: dst.parent.mkdir(parents=True, exist_ok=True), dst)
-
-
-def _make(action, dst: Path) -> None:
     try:
-        action()
+        dst.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise CheckpointError(f"{dst}: cannot create the output ({e.strerror}: {e.filename}); "
-                              "choose a writable location") from None
+        raise _unwritable_error(dst, e) from None
 
 
-def _finish_tree(folder: Path) -> None:
-    """Flush every file to disk and give it the usual permissions (some writers create them 0600)."""
-    umask = os.umask(0)
-    os.umask(umask)
-    for path in folder.rglob("*"):
-        if path.is_file():
-            os.chmod(path, 0o666 & ~umask)
-            with open(path, "rb") as f:
-                os.fsync(f.fileno())
+def _unwritable_error(dst: Path, e: OSError) -> CheckpointError:
+    return CheckpointError(f"{dst}: cannot create the output ({e.strerror}: {e.filename}); choose a writable location")
 
 
 def write_json(path: Path, data: dict) -> None:

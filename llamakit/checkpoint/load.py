@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -9,6 +10,7 @@ import torch
 from llamakit.checkpoint import hf, llama2c, meta
 from llamakit.checkpoint.io import check_state_dict, read_json
 from llamakit.checkpoint.peft import load_adapter
+from llamakit.checkpoint.transforms import Transform, apply_transforms, from_records, owned_dtypes
 from llamakit.errors import CheckpointError, ConfigError
 from llamakit.model.config import ModelConfig, resolve_dtype
 from llamakit.model.llama import Transformer
@@ -89,19 +91,33 @@ def _native_config(file: Path) -> ModelConfig:
         raise CheckpointError(f"{file}: {e}") from None
 
 
-def load_model(path: str | Path, dtype: torch.dtype | str | None = None, device: torch.device | str = "cpu") -> Transformer:
-    """A Transformer in eval mode with the checkpoint's weights (dtype None keeps the stored dtype)."""
+def load_model(path: str | Path, dtype: torch.dtype | str | None = None, device: torch.device | str = "cpu",
+               transforms: Sequence[Transform] = ()) -> Transformer:
+    """A Transformer in eval mode with the checkpoint's weights (dtype None keeps the stored dtype).
+
+    The transforms the checkpoint records, then `transforms`, swap modules while the model is on the meta device;
+    the tensors they own are checked against their shapes and keep their own dtype.
+    """
     path = Path(path)
     config, state = read_checkpoint(path)
     with torch.device("meta"):
         model = Transformer(config)  # no memory: the loaded tensors become the parameters (assign=True)
+        model = apply_transforms(model, [*_recorded_transforms(path), *transforms])
     check_state_dict({k: v.shape for k, v in model.state_dict().items()}, state, path)
+    owned = owned_dtypes(model)
     dtype = resolve_dtype(dtype) or state["embed_tokens.weight"].dtype
     for name in state:  # one tensor at a time, so converting never holds two copies of the model
-        state[name] = state[name].to(device=device, dtype=dtype)
+        state[name] = state[name].to(device=device, dtype=owned.get(name, dtype))
     model.load_state_dict(state, assign=True)
     model.init_buffers()
     return model.eval().requires_grad_(False)
+
+
+def _recorded_transforms(path: Path) -> list[Transform]:
+    """The transforms a llamakit folder's config.json records (other formats record none)."""
+    if detect_format(path) != "llamakit":
+        return []
+    return from_records(read_json(path / "config.json")[NATIVE_KEY].get("transforms", []), path / "config.json")
 
 
 def find_tokenizer(path: str | Path) -> Path | None:

@@ -11,6 +11,7 @@ import torch
 from llamakit.checkpoint import hf, llama2c, meta
 from llamakit.checkpoint.io import atomic_directory, atomic_file, write_json
 from llamakit.checkpoint.load import NATIVE_KEY, NATIVE_VERSION
+from llamakit.checkpoint.transforms import applied, owned_dtypes
 from llamakit.errors import CheckpointError
 from llamakit.model.config import ModelConfig, resolve_dtype
 from llamakit.model.llama import Transformer
@@ -30,8 +31,13 @@ def save_model(model: Transformer, path: str | Path, format: str = "llamakit", *
     tok = load_tokenizer(tokenizer) if isinstance(tokenizer, (str, Path)) else tokenizer
     if tok is not None:
         check_vocab(tok, config.vocab_size, "the model being saved")
-    dtype = resolve_dtype(dtype)
-    state = {name: t.detach().to("cpu", dtype or t.dtype) for name, t in model.state_dict().items()}
+    transforms = [t.to_dict() for t in applied(model)]
+    if transforms and format != "llamakit":
+        raise CheckpointError(f"the model was transformed ({', '.join(t['name'] for t in transforms)}), which only "
+                              "the llamakit format records; save it with format 'llamakit'")
+    dtype, owned = resolve_dtype(dtype), owned_dtypes(model)  # a transform's tensors keep their own dtype
+    state = {name: t.detach().to("cpu", t.dtype if name in owned else dtype or t.dtype)
+             for name, t in model.state_dict().items()}
     if format == "llama2c":
         with atomic_file(path, overwrite=overwrite) as tmp:
             llama2c.write_llama2c(tmp, config, state)
@@ -40,7 +46,8 @@ def save_model(model: Transformer, path: str | Path, format: str = "llamakit", *
         if format == "meta":
             meta.write_meta(tmp, config, state, shards)
         else:
-            _write_hf_layout(tmp, config, state, tok, max_shard_bytes, native=format == "llamakit")
+            _write_hf_layout(tmp, config, state, tok, max_shard_bytes, native=format == "llamakit",
+                             transforms=transforms)
         if tok is not None:
             shutil.copyfile(tok.path, tmp / "tokenizer.model")
         elif format == "llamakit":
@@ -56,10 +63,12 @@ def write_native(folder: Path, config: ModelConfig, state: dict[str, torch.Tenso
 
 
 def _write_hf_layout(folder: Path, config: ModelConfig, state: dict[str, torch.Tensor], tok: Tokenizer | None,
-                     max_shard_bytes: int, native: bool) -> None:
+                     max_shard_bytes: int, native: bool, transforms: list[dict] | None = None) -> None:
     dtype = state["embed_tokens.weight"].dtype
     hf_config = hf.config_to_hf(config, dtype, tok.bos_id if tok else None, tok.eos_id if tok else None)
     if native:  # transformers ignores this block; we read the exact config (multiple_of etc.) from it
         hf_config[NATIVE_KEY] = {"format_version": NATIVE_VERSION, "model": config.to_dict()}
+        if transforms:  # applied again by load_model, before the weights are assigned
+            hf_config[NATIVE_KEY]["transforms"] = transforms
     hf.write_hf_weights(folder, state, max_shard_bytes)
     write_json(folder / "config.json", hf_config)

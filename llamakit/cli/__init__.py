@@ -45,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         COMMANDS[args.command][1](args)
     except LlamakitError as e:
-        print(f"llamakit {args.command}: error: {e}", file=sys.stderr)
+        sys.stderr.write(f"llamakit {args.command}: error: {e}\n")  # one write: torchrun ranks' lines never interleave
         return 1
     except KeyboardInterrupt:
         print(f"llamakit {args.command}: interrupted", file=sys.stderr)

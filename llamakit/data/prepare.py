@@ -35,7 +35,7 @@ from llamakit.data.clean import FILTER_NAMES, FilterConfig, LanguageFilter, norm
 from llamakit.data.dedup import DedupConfig, Removed, remove_exact_duplicates, remove_near_duplicates
 from llamakit.data.sources import input_fingerprint, read_documents, resolve_inputs
 from llamakit.errors import DataError
-from llamakit.files import disk_full, move_into_place
+from llamakit.files import atomic_directory, write_atomic
 from llamakit.runtime import process_running
 from llamakit.tokenizer import load_tokenizer
 
@@ -43,7 +43,7 @@ logger = logging.getLogger(__name__)
 
 CHUNK_DOCS = 64  # documents per task sent to a worker
 # What a prepared folder may hold; anything else means the output points at someone else's folder.
-_OURS = re.compile(r"(meta\.json|tokenizer\.model|(train|val)-\d{5}\.bin|\..*\.tmp)")
+_OURS = re.compile(r"(meta\.json|tokenizer\.model|(train|val)-\d{5}\.bin|\..*\.tmp(-\d+)?)")
 # Settings that do not change the output, so changing them does not make a prepared folder stale.
 _NOT_COMPARED = ("inputs", "output", "tokenizer", "workers", "force")
 
@@ -207,23 +207,12 @@ def _building(output: Path) -> Iterator[Path]:
     """A temporary sibling folder that replaces output only once the block finishes (else it is removed)."""
     output = output.resolve()
     _remove_stale_temporaries(output)
-    tmp = output.with_name(f".{output.name}.tmp-{os.getpid()}")
-    try:
-        tmp.mkdir(parents=True)
-    except OSError as err:
-        raise DataError(f"cannot create {tmp} ({err.strerror}): the new data is built beside {output.name} and then "
-                        "renamed; choose an output in a writable folder") from None
-    try:
+    full = partial(DataError, f"{output}: the disk holding {output.parent} is full (or your quota there is used up); "
+                   "the earlier data, if any, is kept; free some space or choose an output on another disk")
+    with atomic_directory(output, full=full, unwritable=lambda err: DataError(
+            f"cannot create {err.filename} ({err.strerror}): the new data is built beside {output.name} and then "
+            "renamed; choose an output in a writable folder")) as tmp:
         yield tmp
-        move_into_place(tmp, output)
-    except BaseException as e:
-        full = disk_full(e, tmp)
-        shutil.rmtree(tmp, ignore_errors=True)
-        if full:
-            raise DataError(f"{output}: the disk holding {output.parent} is full (or your quota there is used up); "
-                            "the earlier data, if any, is kept; free some space or choose an output on another "
-                            "disk") from None
-        raise
 
 
 def _remove_stale_temporaries(output: Path) -> None:
@@ -332,7 +321,7 @@ def _unit_hash(text: str) -> float:
 def _write_splits(output: Path, splits: dict[str, list[str]], tokenizer, shard_tokens: int,
                   map_fn: Callable) -> dict[str, dict]:
     """Tokenise each split into shards; the meta.json entry of each split."""
-    shards.write_atomic(output / shards.TOKENIZER_FILE, tokenizer.path.read_bytes())
+    write_atomic(output / shards.TOKENIZER_FILE, tokenizer.path.read_bytes())
     dtype = shards.token_dtype(tokenizer.vocab_size)
     entries = {}
     for name, docs in splits.items():

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
-IGNORE_INDEX = -100  # labels that take no part in the loss; equals llamakit.train.batches.IGNORE_INDEX
+IGNORE_INDEX = -100  # labels that take no part in the loss (F.cross_entropy's default ignore_index)
 PAD_SEGMENT = -1  # segment id of padding positions in packed batches
 
 

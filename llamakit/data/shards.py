@@ -12,7 +12,6 @@ meta.json is written last, so a folder without it is incomplete, whatever else i
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import os
@@ -22,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from llamakit.errors import DataError
+from llamakit.files import write_atomic
 
 FORMAT = "llamakit-shards"
 VERSION = 1
@@ -48,21 +48,6 @@ def file_sha256(path: Path) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
-
-
-def write_atomic(path: Path, data: bytes) -> None:
-    """Write data to path through a hidden temporary sibling, so that path is never half-written."""
-    tmp = path.with_name(f".{path.name}{TMP_SUFFIX}")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        raise
 
 
 def write_meta(root: Path, meta: dict[str, Any]) -> None:

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import datetime
 import json
-import os
-import tempfile
 from pathlib import Path
 
 from llamakit.eval.multiple_choice import TaskResult
+from llamakit.files import write_atomic
 
 FORMAT_VERSION = 2  # 2: per-task status (and error), records count n_chars (lm-eval's acc_norm) not n_bytes
 _HEADLINE = ("acc", "acc_norm", "acc_macro", "em", "token_perplexity", "byte_perplexity", "bits_per_byte")
@@ -54,15 +53,7 @@ class RunLog:
 def write_json_atomic(path: Path, data: dict) -> None:
     """Write JSON to a temporary file beside path, then rename it over path: readers never see half a file."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(data, f, indent=1, ensure_ascii=False)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_atomic(path, (json.dumps(data, indent=1, ensure_ascii=False) + "\n").encode())
 
 
 def _cell(value) -> str:

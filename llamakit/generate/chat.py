@@ -24,6 +24,11 @@ from llamakit.tokenizer.chat import (
 log = logging.getLogger(__name__)
 
 
+def chat_style(model: Transformer, tokenizer: Tokenizer, style: str | None = None) -> str:
+    """The prompt format asked for, else the one the model was tuned with (its config), else the tokenizer's."""
+    return style or model.config.chat_format or default_style(tokenizer)
+
+
 class ChatSession:
     """Dialog state for one user; `reply(text)` streams the assistant's answer and records it."""
 
@@ -32,7 +37,7 @@ class ChatSession:
                  generator: torch.Generator | None = None):
         self.model, self.tokenizer, self.params, self.generator = model, tokenizer, params, generator
         self.max_seq_len, self.max_new_tokens = max_seq_len, max_new_tokens
-        self.style = style or model.config.chat_format or default_style(tokenizer)
+        self.style = chat_style(model, tokenizer, style)
         self.stop_ids = stop_ids_for(tokenizer, self.style)
         self.system = system
         if system:  # a bad one (Llama 2 tags, the alpaca format has none) is refused now, not at every reply

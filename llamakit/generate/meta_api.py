@@ -8,7 +8,6 @@ device and dtype are chosen from the machine instead of assuming CUDA.
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -16,12 +15,13 @@ import torch
 
 from llamakit.checkpoint import load_checkpoint, load_config
 from llamakit.errors import LlamakitError
+from llamakit.generate.chat import chat_style
 from llamakit.generate.decode import Completion, check_context, check_prompts, generate, prepare_for_decoding
 from llamakit.generate.sampling import SamplingParams
 from llamakit.model import Transformer, resolve_dtype
-from llamakit.runtime import default_dtype, resolve_device
+from llamakit.runtime import default_dtype, init_processes
 from llamakit.tokenizer import Tokenizer
-from llamakit.tokenizer.chat import UNSAFE_REPLY, Dialog, default_style, encode_dialog, has_special_tags, stop_ids_for
+from llamakit.tokenizer.chat import UNSAFE_REPLY, Dialog, encode_dialog, has_special_tags, stop_ids_for
 
 log = logging.getLogger(__name__)
 
@@ -40,12 +40,12 @@ class Llama:
         if max_seq_len < 2 or max_batch_size < 1:
             raise LlamakitError(f"max_seq_len={max_seq_len} and max_batch_size={max_batch_size} must be at least "
                                 "2 and 1")
-        world = int(os.environ.get("WORLD_SIZE", 1))
-        if (model_parallel_size or world) > 1:
+        procs = init_processes(device)  # under torchrun, joins the job's process group as Meta's build does
+        if (model_parallel_size or procs.world_size) > 1:
             # Every rank holds the whole (merged) model and computes the same tokens; tensor
             # parallelism, which splits the weights instead, is a separate feature.
-            log.info("running %d replicated processes (model_parallel_size=%s)", world, model_parallel_size)
-        device = resolve_device(device)
+            log.info("running %d replicated processes (model_parallel_size=%s)", procs.world_size, model_parallel_size)
+        device = procs.device
         check_context(max_seq_len, load_config(ckpt_dir).max_seq_len, f"max_seq_len={max_seq_len}",
                       "pass extend_context=True", extend_context)  # before the weights load: that can take minutes
         model, tokenizer = load_checkpoint(ckpt_dir, tokenizer_path, resolve_dtype(dtype) or default_dtype(device),
@@ -57,7 +57,7 @@ class Llama:
                  seed: int = 1, chat_format: str | None = None):
         self.model, self.tokenizer = prepare_for_decoding(model), tokenizer
         self.max_seq_len, self.max_batch_size = max_seq_len, max_batch_size
-        self.chat_format = chat_format or model.config.chat_format or default_style(tokenizer)
+        self.chat_format = chat_style(model, tokenizer, chat_format)
         torch.manual_seed(seed)  # as Meta's build does, for code that samples with the global RNG
         device = model.embed_tokens.weight.device
         self.generator = torch.Generator(device).manual_seed(seed)  # every rank draws the same tokens

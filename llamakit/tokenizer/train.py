@@ -8,7 +8,6 @@ unk=0, bos=1, eos=2.
 
 from __future__ import annotations
 
-import contextlib
 import io
 import logging
 import os
@@ -19,6 +18,7 @@ from pathlib import Path
 import sentencepiece
 
 from llamakit.errors import TokenizerError
+from llamakit.files import write_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -129,16 +129,9 @@ def _rephrase(err: RuntimeError, vocab_size: int, n_lines: int) -> TokenizerErro
 
 def _write_atomic(path: Path, data: bytes) -> None:
     """Write data to path through a temporary sibling, so that path is never half-written."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        write_atomic(path, data)
     except OSError as err:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
         raise TokenizerError(f"cannot write the tokenizer to {path} ({err.strerror}); choose a writable location") \
             from None

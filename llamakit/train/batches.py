@@ -9,9 +9,8 @@ from typing import Protocol
 import numpy as np
 import torch
 
+from llamakit.data.sft_examples import IGNORE_INDEX  # noqa: F401 (the objectives import it from here)
 from llamakit.errors import DataError
-
-IGNORE_INDEX = -100  # labels that take no part in the loss (F.cross_entropy's default ignore_index)
 
 
 class Samples(Protocol):

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import time
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
+from llamakit.files import atomic_file, write_atomic
 from llamakit.model import ModelConfig
 
 log = logging.getLogger(__name__)
@@ -107,9 +107,7 @@ def read_metrics(path: Path) -> list[dict]:
 def _truncate_after(path: Path, step: int) -> None:
     """Keep the records up to a resumed checkpoint's step; none when starting fresh."""
     kept = [r for r in read_metrics(path) if r["step"] <= step] if step else []
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
-    os.replace(tmp, path)
+    write_atomic(path, "".join(json.dumps(r) + "\n" for r in kept).encode())
 
 
 def plot_losses(metrics_path: Path, png: Path) -> Path | None:
@@ -131,8 +129,7 @@ def plot_losses(metrics_path: Path, png: Path) -> Path | None:
     ax.set(xlabel="step", ylabel="loss (nats/token)", title=metrics_path.parent.name)
     ax.grid(alpha=0.3)
     ax.legend()
-    tmp = png.with_name(f".{png.name}.tmp.png")
-    fig.savefig(tmp)
+    with atomic_file(png) as tmp:
+        fig.savefig(tmp, format="png")
     plt.close(fig)
-    os.replace(tmp, png)
     return png

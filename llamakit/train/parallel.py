@@ -1,4 +1,5 @@
-"""Processes and parallelism, applied to an existing model from outside (the model knows nothing of them).
+"""Parallelism, applied to an existing model from outside (the model knows nothing of it); the processes and
+their DeviceMesh come from llamakit.runtime.
 
 Order, as for large models: tensor parallelism (a later step: it would swap q/k/v/o and the MLP
 projections for column/row-parallel versions here, before anything else) -> activation checkpointing ->
@@ -11,46 +12,23 @@ import contextlib
 import ctypes
 import functools
 import logging
-import os
-from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from llamakit import runtime
 from llamakit.errors import ConfigError
-from llamakit.runtime import resolve_device
+from llamakit.runtime import Processes, close_processes  # noqa: F401 (imported from here by the runner)
 from llamakit.train.config import TrainSection
 
 log = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
-class Processes:
-    """This process's place in the job (torchrun sets RANK, WORLD_SIZE, LOCAL_RANK)."""
-
-    rank: int
-    world_size: int
-    local_rank: int
-    device: torch.device
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-
 def init_processes(device: str = "auto") -> Processes:
-    """Join the torchrun job if there is one (NCCL on CUDA, gloo on CPU) and pick this process's device."""
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
-    dev = resolve_device(device, "train.device")
-    if dev.type == "cuda":
-        dev = torch.device("cuda", local_rank if dev.index is None else dev.index)
-        torch.cuda.set_device(dev)
-    if world_size > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
-    return Processes(rank, world_size, local_rank, dev)
+    """runtime.init_processes, its errors naming the training config's setting."""
+    return runtime.init_processes(device, "train.device")
 
 
 def keep_freed_memory() -> None:
@@ -67,11 +45,6 @@ def keep_freed_memory() -> None:
     m_trim_threshold, m_mmap_max = -1, -4
     libc.mallopt(m_mmap_max, 0)
     libc.mallopt(m_trim_threshold, 2**30)
-
-
-def close_processes() -> None:
-    if dist.is_initialized():
-        dist.destroy_process_group()
 
 
 def parallelize(model: nn.Module, cfg: TrainSection, procs: Processes) -> nn.Module:
@@ -92,6 +65,8 @@ def parallelize(model: nn.Module, cfg: TrainSection, procs: Processes) -> nn.Mod
             fully_shard(block)
         fully_shard(model)
         return model
+    if not any(p.requires_grad for p in model.parameters()):
+        return model  # a frozen model (a reference, a reward model) has no gradients for DDP to average
     from torch.nn.parallel import DistributedDataParallel
 
     return DistributedDataParallel(model, device_ids=[procs.device.index] if procs.device.type == "cuda" else None)
