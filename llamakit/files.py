@@ -5,13 +5,18 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import logging
 import os
+import re
 import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+log = logging.getLogger(__name__)
+TEMPORARY = re.compile(r"\.(.+)\.(tmp|old)-(\d+)")  # what atomic_file/atomic_directory leave if killed outright
 
-def move_into_place(tmp: Path, dst: Path) -> None:
+
+def _move_into_place(tmp: Path, dst: Path) -> None:
     """Rename the finished folder tmp to dst; an existing dst is moved aside first (a folder cannot be renamed
     over another), so dst is at every moment either the old folder or the new one, never a mix."""
     if dst.exists():
@@ -21,6 +26,38 @@ def move_into_place(tmp: Path, dst: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.rename(tmp, dst)
+
+
+def remove_stale_temporaries(folder: Path, name: str | None = None) -> None:
+    """Delete the temporaries (`.NAME.tmp-PID`, `.NAME.old-PID`; only NAME's when given) that a process killed
+    outright (SIGKILL) left in folder."""
+    for path in folder.iterdir() if folder.is_dir() else ():
+        match = TEMPORARY.fullmatch(path.name)
+        if match and name in (None, match[1]) and left_by_dead_process(int(match[3])):
+            log.info("removing %s, left by a process that was killed", path)
+            if path.is_dir():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)
+
+
+def left_by_dead_process(pid: int) -> bool:
+    """Whether something marked with `pid` (a temporary, a lock) was left by a process that is gone: no process has
+    that id now, or this one does (the id was reused; what this process writes is not there yet when it starts)."""
+    return pid == os.getpid() or not _process_running(pid)
+
+
+def _process_running(pid: int) -> bool:
+    """Whether process `pid` exists on this machine (assumed so where that cannot be probed)."""
+    if os.name == "nt":  # os.kill would end the process there, not probe it
+        return True
+    try:
+        os.kill(pid, 0)  # signal 0: only checks that the process exists
+    except ProcessLookupError:
+        return False
+    except OSError:  # e.g. another user's process
+        pass
+    return True
 
 
 def disk_full(error: BaseException, where: Path) -> bool:
@@ -59,7 +96,7 @@ def atomic_file(dst: Path, *, full: Callable[[], BaseException] | None = None) -
 @contextlib.contextmanager
 def atomic_directory(dst: Path, *, full: Callable[[], BaseException] | None = None,
                      unwritable: Callable[[OSError], BaseException] | None = None) -> Iterator[Path]:
-    """Yield a new temporary sibling folder that replaces dst (move_into_place) once the block finishes, every
+    """Yield a new temporary sibling folder that replaces dst (_move_into_place) once the block finishes, every
     file in it flushed to disk. On an error it is removed; full() is raised when the disk ran out of space, and
     unwritable(error) when the folder cannot be made."""
     dst = Path(dst)
@@ -74,7 +111,7 @@ def atomic_directory(dst: Path, *, full: Callable[[], BaseException] | None = No
     try:
         yield tmp
         _finish_tree(tmp)
-        move_into_place(tmp, dst)
+        _move_into_place(tmp, dst)
     except BaseException as e:
         _clean_up(e, tmp, full, lambda: shutil.rmtree(tmp, ignore_errors=True))
         raise

@@ -130,16 +130,3 @@ def _leave_together() -> None:
 
 def _backend(device: torch.device) -> str:
     return "nccl" if device.type == "cuda" else "gloo"
-
-
-def process_running(pid: int) -> bool:
-    """Whether process `pid` exists on this machine (assumed so where that cannot be probed)."""
-    if os.name == "nt":  # os.kill would end the process there, not probe it
-        return True
-    try:
-        os.kill(pid, 0)  # signal 0: only checks that the process exists
-    except ProcessLookupError:
-        return False
-    except OSError:  # e.g. another user's process
-        pass
-    return True

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import glob
 import hashlib
 import itertools
 import logging
@@ -20,7 +19,6 @@ import math
 import multiprocessing
 import os
 import re
-import shutil
 import signal
 from collections.abc import Callable, Iterator
 from functools import partial
@@ -35,8 +33,7 @@ from llamakit.data.clean import FILTER_NAMES, FilterConfig, LanguageFilter, norm
 from llamakit.data.dedup import DedupConfig, Removed, remove_exact_duplicates, remove_near_duplicates
 from llamakit.data.sources import input_fingerprint, read_documents, resolve_inputs
 from llamakit.errors import DataError
-from llamakit.files import atomic_directory, write_atomic
-from llamakit.runtime import process_running
+from llamakit.files import atomic_directory, remove_stale_temporaries, write_atomic
 from llamakit.tokenizer import load_tokenizer
 
 logger = logging.getLogger(__name__)
@@ -206,7 +203,7 @@ def _check_output(output: Path) -> None:
 def _building(output: Path) -> Iterator[Path]:
     """A temporary sibling folder that replaces output only once the block finishes (else it is removed)."""
     output = output.resolve()
-    _remove_stale_temporaries(output)
+    remove_stale_temporaries(output.parent, output.name)
     full = partial(DataError, f"{output}: the disk holding {output.parent} is full (or your quota there is used up); "
                    "the earlier data, if any, is kept; free some space or choose an output on another disk")
     with atomic_directory(output, full=full, unwritable=lambda err: DataError(
@@ -214,17 +211,6 @@ def _building(output: Path) -> Iterator[Path]:
             "renamed; choose an output in a writable folder")) as tmp:
         yield tmp
 
-
-def _remove_stale_temporaries(output: Path) -> None:
-    """Remove the .NAME.tmp-PID / .NAME.old-PID folders that runs killed outright (SIGKILL) left beside output."""
-    for path in output.parent.glob(f".{glob.escape(output.name)}.*-*"):
-        kind, _, pid = path.name[len(output.name) + 2:].partition("-")
-        if kind in ("tmp", "old") and pid.isdigit() and not process_running(int(pid)):
-            logger.info("removing %s, left by a run that was killed", path)
-            shutil.rmtree(path, ignore_errors=True)
-
-
-# --- cleaning -----------------------------------------------------------------------------------------
 
 def clean_corpus(files: list[Path], config: PrepareConfig, map_fn: Callable = map) -> tuple[list[str], dict]:
     """The documents of files after normalisation, boilerplate removal, filters and dedup, and the report."""

@@ -7,20 +7,17 @@ import contextlib
 import json
 import logging
 import os
-import re
-import shutil
 import socket
 from pathlib import Path
 
 import torch.distributed as dist
 
 from llamakit.errors import ConfigError
-from llamakit.runtime import process_running
+from llamakit.files import left_by_dead_process, remove_stale_temporaries
 from llamakit.train.parallel import Processes
 
 log = logging.getLogger(__name__)
 LOCK = ".lock"  # {"pid", "host"} of the run that owns the folder
-LEFTOVER = re.compile(r"\..+\.(tmp|old)-\d+")  # atomic_directory's temporaries (checkpoint/io.py)
 
 
 @contextlib.contextmanager
@@ -41,7 +38,7 @@ def own_run_folder(out_dir: Path, procs: Processes):
         if message is not None:
             raise ConfigError(message)
         if lock is not None:
-            _remove_leftovers(out_dir)
+            remove_stale_temporaries(out_dir)  # saves a killed run never finished
         yield
     finally:
         if lock is not None:
@@ -90,24 +87,12 @@ def _stale(owner: dict | None, host: str) -> bool:
     """The lock's process is gone: same host, and its pid is ours (reused) or not running."""
     if owner is None or owner["host"] != host:
         return False
-    return owner["pid"] == os.getpid() or not process_running(owner["pid"])
+    return left_by_dead_process(owner["pid"])
 
 
 def _release_lock(path: Path, me: dict) -> None:
     if _read_lock(path) == me:
         path.unlink(missing_ok=True)
-
-
-def _remove_leftovers(out_dir: Path) -> None:
-    """Temporaries of saves a killed run never finished (`.step-N.tmp-PID`, `.final.old-PID`): while this run
-    holds the lock nothing else writes here, so every one found at the start is stale."""
-    for path in out_dir.iterdir():
-        if LEFTOVER.fullmatch(path.name):
-            log.info("removing %s, left by a run killed while saving", path)
-            if path.is_dir():
-                shutil.rmtree(path)
-            else:
-                path.unlink()
 
 
 def _remove_empty(folders: list[Path]) -> None:
