@@ -24,7 +24,7 @@ from llamakit.train.objectives import Objective
 from llamakit.train.optim import build_optimizer, lr_at
 from llamakit.train.parallel import Processes, close_processes, init_processes, keep_freed_memory, parallelize
 from llamakit.train.run_folder import own_run_folder
-from llamakit.train.state import Checkpointer, TrainState, step_of
+from llamakit.train.state import FINAL, Checkpointer, TrainState, step_dirs, step_of
 
 log = logging.getLogger(__name__)
 # Settings that may change when resuming: everything else must match, or the run would not be the same run.
@@ -53,7 +53,10 @@ def run(cfg: RunConfig, build_job: Callable[[RunConfig, Processes], Job], resume
     """Every training command: own the run folder, build the method's job on this process, train it; returns the
     final/ folder."""
     with processes(cfg.train.device, cfg.checkpoint.out_dir) as procs:
-        return run_training(cfg, build_job(cfg, procs), procs, resume)
+        latest = check_run_folder(cfg, Path(cfg.checkpoint.out_dir), resume)
+        if latest is not None and latest.name == FINAL:  # a finished run: nothing to load or train
+            return latest
+        return run_training(cfg, build_job(cfg, procs), procs, latest)
 
 
 @contextlib.contextmanager
@@ -70,14 +73,12 @@ def processes(device: str, out_dir: str | Path):
         close_processes()
 
 
-def run_training(cfg: RunConfig, job: Job, procs: Processes, resume: bool) -> Path:
-    """Train job with the run config's optimizer, schedule and checkpoints; returns the final/ folder."""
+def run_training(cfg: RunConfig, job: Job, procs: Processes, latest: Path | None) -> Path:
+    """Train job with the run config's optimizer, schedule and checkpoints, from the step-N/ folder `latest` if
+    given; returns the final/ folder."""
     out_dir = Path(cfg.checkpoint.out_dir)
     checkpointer = Checkpointer(out_dir, cfg.checkpoint.keep_last, procs, job.tokenizer, dump_yaml(cfg),
                                 adapter=job.adapter, base=job.base)
-    latest = check_run_folder(cfg, checkpointer, resume)
-    if latest == checkpointer.final:  # a finished run
-        return latest
     model = parallelize(job.model, cfg.train, procs)
     for name, frozen in job.aux.items():
         job.aux[name] = parallelize(frozen.to(procs.device).eval().requires_grad_(False), cfg.train, procs)
@@ -116,10 +117,11 @@ def loop_data(cfg: RunConfig, train_set: Samples, val_set: Samples, procs: Proce
     return LoopData(steps.train_step, eval_batches(val_set, cfg.eval.batches, micro, procs.rank, procs.world_size))
 
 
-def check_run_folder(cfg: RunConfig, checkpointer: Checkpointer, resume: bool) -> Path | None:
+def check_run_folder(cfg: RunConfig, out_dir: Path, resume: bool) -> Path | None:
     """The checkpoint to resume from (None: start afresh), or final/ when the run is already finished; refuses
     to mix two different runs in one folder."""
-    out_dir, latest, final = checkpointer.out_dir, checkpointer.latest(), checkpointer.final
+    steps, final = step_dirs(out_dir), out_dir / FINAL
+    latest = steps[-1] if steps else None
     found = latest or (final if final.is_dir() else None)
     if found is None:
         if resume:

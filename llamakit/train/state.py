@@ -34,6 +34,7 @@ from llamakit.train.parallel import Processes, unwrap
 
 log = logging.getLogger(__name__)
 STEP_DIR = re.compile(r"step-(\d+)")
+FINAL = "final"  # the finished model, a normal model folder
 FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)  # gathered to rank 0, on CPU
 
 
@@ -52,28 +53,19 @@ class Checkpointer:
         self.tokenizer, self.config_yaml = tokenizer, config_yaml
         self.adapter, self.base = adapter, base  # adapter runs save only the adapter (PEFT format), not the base
 
-    @property
-    def final(self) -> Path:
-        return self.out_dir / "final"
-
-    def latest(self) -> Path | None:
-        """The newest complete step folder (incomplete ones are never renamed into place)."""
-        steps = sorted(self._step_dirs(), key=step_of)
-        return steps[-1] if steps else None
-
     def save(self, model: nn.Module, optimizer: torch.optim.Optimizer, scaler, state: TrainState) -> Path | None:
         """Write step-N/ (every process gathers; rank 0 writes), then drop the oldest beyond keep_last."""
         folder = self.out_dir / f"step-{state.step}"
         self._write(folder, model, optimizer, scaler, state)
         if self.procs.is_main:
-            for old in sorted(self._step_dirs(), key=step_of)[:-self.keep_last]:
+            for old in step_dirs(self.out_dir)[:-self.keep_last]:
                 shutil.rmtree(old, ignore_errors=True)
         _barrier()
         return folder
 
     def save_final(self, model: nn.Module) -> Path:
         """final/: a normal model folder (weights, config, tokenizer) that generate and Llama.build load."""
-        folder = self.final
+        folder = self.out_dir / FINAL
         self._write(folder, model, None, None, None, overwrite=True)
         _barrier()
         return folder
@@ -123,11 +115,14 @@ class Checkpointer:
         _set_rng_states(trainer["rng"])
         return TrainState(step=int(trainer["step"]), tokens_seen=int(trainer["tokens_seen"]))
 
-    def _step_dirs(self) -> list[Path]:
-        if not self.out_dir.is_dir():
-            return []
-        return [p for p in self.out_dir.iterdir() if p.is_dir() and STEP_DIR.fullmatch(p.name)
-                and (p / "trainer.pt").is_file()]
+
+
+def step_dirs(out_dir: Path) -> list[Path]:
+    """The complete step-N/ folders of a run, oldest first (incomplete ones are never renamed into place)."""
+    if not out_dir.is_dir():
+        return []
+    steps = [p for p in out_dir.iterdir() if p.is_dir() and STEP_DIR.fullmatch(p.name) and (p / "trainer.pt").is_file()]
+    return sorted(steps, key=step_of)
 
 
 def step_of(folder: Path) -> int:
