@@ -21,9 +21,9 @@ import time
 import torch
 
 from llamakit.checkpoint.hf import config_to_hf
-from llamakit.generate import SamplingParams, generate
+from llamakit.generate import SamplingParams, generate, prefill
 from llamakit.generate.decode import prepare_for_decoding
-from llamakit.model import ModelConfig, Transformer, resolve_dtype
+from llamakit.model import KVCache, ModelConfig, Transformer, resolve_dtype
 
 CONFIGS = {  # ~15M and ~110M: the tinyllamas shapes; ~1B: TinyLlama-1.1B's shape (GQA, 32k vocabulary)
     "15m": ModelConfig.from_preset("stories15m").replace(max_seq_len=1024),
@@ -56,7 +56,7 @@ def weight_bytes_per_token(model: Transformer) -> int:
     """Bytes of weights one decode step reads: all of them, except the embedding table, of which one row."""
     total = sum(p.numel() * p.element_size() for p in model.parameters())
     embedding = model.embed_tokens.weight
-    return total if model.lm_head is None else total - embedding.numel() * embedding.element_size()
+    return total if model.config.tie_word_embeddings else total - embedding.numel() * embedding.element_size()
 
 
 def build_pair(config: ModelConfig, dtype: torch.dtype):
@@ -98,8 +98,7 @@ def prefill_pair(ours, theirs, repeats: int) -> dict:
 
     @torch.inference_mode()
     def run_ours():
-        ours.setup_kv_cache(1, PREFILL_LEN + 1)
-        return ours(tokens, logits_at=-1)
+        return prefill(ours, KVCache.for_model(ours, 1, PREFILL_LEN + 1), 0, tokens[0].tolist())
 
     @torch.inference_mode()
     def run_theirs():

@@ -258,7 +258,7 @@ def part_probes(row: Row, batch: dict[str, torch.Tensor], precision: str, device
     autocast = torch.autocast(device.type, torch.bfloat16) if precision == "bf16" else contextlib.nullcontext()
     B, T = batch["input_ids"].shape
     hidden = torch.randn(B, T, model.config.dim, device=device, requires_grad=True)  # (B, T, dim)
-    weight = model.embed_tokens.weight if model.lm_head is None else model.lm_head.weight
+    weight = model.lm_head.weight
 
     def forward_backward():
         with autocast:

@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 
 from llamakit.errors import EvalError
 from llamakit.generate import SamplingParams, generate
-from llamakit.model import Transformer
+from llamakit.model import KVCache, Transformer
 from llamakit.tokenizer import Tokenizer
 
 TOKENIZATION = ("context and context+continuation encoded whole with BOS; the continuation is the tokens past "
@@ -84,7 +84,6 @@ def score_pairs(model: Transformer, pairs: Sequence[tuple[Sequence[int], Sequenc
 
     Pairs whose model input is identical (MMLU's " A".." D" after one prompt) share one row.
     """
-    model.reset_kv_cache()  # full-sequence forwards: a decoding cache would treat them as new tokens
     rows: dict[tuple[tuple[int, ...], int], int] = {}  # (input ids, continuation length) -> row
     row_of, cuts = [], []
     for context, continuation in pairs:
@@ -147,13 +146,11 @@ def greedy_answers(model: Transformer, tokenizer: Tokenizer, prompts: Sequence[s
     order = sorted(range(len(prompts)), key=lambda i: -len(encoded[i][0]))
     answers: list[tuple[str, int] | None] = [None] * len(prompts)
     greedy = SamplingParams(temperature=0)
-    try:
-        for start in tqdm(range(0, len(order), batch_size), desc=desc, disable=not progress, leave=False):
-            batch = order[start:start + batch_size]
-            done = generate(model, tokenizer, [encoded[i][0] for i in batch], max_new_tokens, greedy,
-                            stop_strings=stop)
-            for i, completion in zip(batch, done):
-                answers[i] = (completion.text, encoded[i][1])
-    finally:
-        model.reset_kv_cache()  # back to full-sequence mode for scoring
+    cache = KVCache.for_model(model, min(batch_size, len(prompts)) or 1, window)  # shared by every batch
+    for start in tqdm(range(0, len(order), batch_size), desc=desc, disable=not progress, leave=False):
+        batch = order[start:start + batch_size]
+        done = generate(model, tokenizer, [encoded[i][0] for i in batch], max_new_tokens, greedy,
+                        stop_strings=stop, cache=cache)
+        for i, completion in zip(batch, done):
+            answers[i] = (completion.text, encoded[i][1])
     return answers  # type: ignore[return-value]

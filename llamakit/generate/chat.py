@@ -10,7 +10,7 @@ import torch
 from llamakit.errors import LlamakitError
 from llamakit.generate.decode import stream
 from llamakit.generate.sampling import SamplingParams
-from llamakit.model import Transformer
+from llamakit.model import KVCache, Transformer
 from llamakit.tokenizer import Tokenizer
 from llamakit.tokenizer.chat import (
     SPECIAL_TAGS,
@@ -46,7 +46,7 @@ class ChatSession:
                           self.style)
         self.messages: list[dict[str, str]] = []  # user/assistant turns, oldest first
         self.dropped = 0  # turns removed from the front by the last reply() to fit the window
-        model.setup_kv_cache(1, max_seq_len)  # once: every reply reuses it
+        self.cache = KVCache.for_model(model, 1, max_seq_len)  # once: every reply reuses it
 
     def reset(self) -> None:
         """Forget the conversation (the system prompt stays)."""
@@ -68,7 +68,7 @@ class ChatSession:
         answer = []
         try:
             for piece in stream(self.model, self.tokenizer, prompt, budget, self.params, stop_ids=self.stop_ids,
-                                generator=self.generator, follows_prompt=False):
+                                generator=self.generator, follows_prompt=False, cache=self.cache):
                 answer.append(piece)
                 yield piece
         finally:  # also on an interrupted reply, so the next turn sees what the user saw

@@ -1,22 +1,20 @@
-"""The decode loop: prefill a KV cache with the prompts, then add one sampled token per row per step.
-
-Rows of different lengths are right-padded and keep their own positions, exactly as if each ran
-alone: row b's token at step s sits at position len_b + s, is written to cache slot len_b + s, and
-attends to slots 0..len_b + s only (the padding after a short prompt is overwritten before any
-query can see it). Batches whose rows all have the same length and budget take a mask-free path.
+"""Generating text: `generate` (a batch of prompts) and `stream` (one prompt, piece by piece) drive the engine's
+Decoder, turning tokens into text that stops at a stop token, a stop string or the budget; plus the checks
+that refuse a request before any work starts, and the CPU weight layout that decodes fastest.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Generator, Iterator, Sequence
+from collections.abc import Generator, Sequence
 from dataclasses import dataclass
 
 import torch
 
 from llamakit.errors import LlamakitError
-from llamakit.generate.sampling import SamplingParams, sample, token_logprobs
-from llamakit.model import Transformer
+from llamakit.generate.engine import Decoder
+from llamakit.generate.sampling import SamplingParams
+from llamakit.model import KVCache, Transformer
 from llamakit.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -74,82 +72,12 @@ def prepare_for_decoding(model: Transformer) -> Transformer:
     """
     # A tied embedding is also the output matrix, the largest of all; looking up one of its rows
     # column-major costs a strided gather of `dim` values, which is negligible.
-    tied = [model.embed_tokens] if model.lm_head is None else []
+    tied = [model.embed_tokens] if model.config.tie_word_embeddings else []
     for module in [m for m in model.modules() if isinstance(m, torch.nn.Linear)] + tied:
         w = module.weight
         if w.device.type == "cpu" and w.dtype == torch.float32 and w.is_contiguous():
             module.weight = torch.nn.Parameter(w.t().contiguous().t(), requires_grad=w.requires_grad)
     return model
-
-
-def ensure_kv_cache(model: Transformer, batch_size: int, seq_len: int) -> None:
-    """Reuse the model's KV cache when it is big enough, else allocate one of exactly this size."""
-    cache = model.layers[0].self_attn.kv_cache
-    if cache is None or cache.max_batch_size < batch_size or cache.max_seq_len < seq_len:
-        model.setup_kv_cache(batch_size, seq_len)
-
-
-@torch.inference_mode()
-def decode_steps(model: Transformer, prompts: Sequence[Sequence[int]], budgets: Sequence[int],
-                 params: SamplingParams, generator: torch.Generator | None = None, logprobs: bool = False,
-                 prompt_logprobs: bool = False) -> Iterator[tuple[list[int], list[float] | None]]:
-    """Yield (next token of each row, its logprob or None) per step, for max(budgets) steps.
-
-    The first item, when prompt_logprobs is set, is instead (None, per-row lists of prompt logprobs).
-    A row past its budget keeps getting tokens (its slot stays at its last one); callers drop them.
-    Stop consuming the iterator to stop early: nothing is computed ahead.
-    """
-    device = model.embed_tokens.weight.device
-    B, lengths = len(prompts), [len(p) for p in prompts]
-    steps = max(budgets)
-    ensure_kv_cache(model, B, max(n + b for n, b in zip(lengths, budgets)))
-    lengths_t = torch.tensor(lengths, device=device)
-    uniform = len(set(lengths)) == 1 and len(set(budgets)) == 1
-    last, prompt_lps = _prefill(model, prompts, lengths_t, uniform, prompt_logprobs)
-    if prompt_logprobs:
-        yield None, prompt_lps
-
-    seen = None
-    if params.repetition_penalty != 1.0:
-        seen = torch.zeros_like(last, dtype=torch.bool)  # (B, V)
-        for b, prompt in enumerate(prompts):
-            seen[b, torch.as_tensor(prompt, device=device)] = True
-
-    last_slots = [n + b - 1 for n, b in zip(lengths, budgets)]
-    last_slots_t = torch.tensor(last_slots, device=device)
-    slot_ids = torch.arange(max(last_slots) + 1, device=device)
-    for step in range(steps):
-        next_tokens = sample(last, params, generator, seen)  # (B,)
-        chosen_lp = token_logprobs(last, next_tokens).tolist() if logprobs else None
-        yield next_tokens.tolist(), chosen_lp
-        if step + 1 == steps:
-            return
-        if seen is not None:
-            seen[torch.arange(B, device=device), next_tokens] = True
-        if uniform:
-            last = model(next_tokens[:, None], lengths[0] + step)[:, -1]  # (B, V)
-            continue
-        slots = torch.minimum(lengths_t + step, last_slots_t)  # (B,): each row's own position
-        visible = max(min(n + step, s) for n, s in zip(lengths, last_slots)) + 1
-        mask = (slot_ids[:visible] <= slots[:, None])[:, None, None, :]  # (B, 1, 1, S)
-        last = model(next_tokens[:, None], slots, mask=mask)[:, -1]  # (B, V)
-
-
-def _prefill(model: Transformer, prompts: Sequence[Sequence[int]], lengths: torch.Tensor, uniform: bool,
-             prompt_logprobs: bool) -> tuple[torch.Tensor, list[list[float]] | None]:
-    """Run the right-padded prompts through the model, filling the cache; return each row's last logits (B, V)
-    and, if asked, the log-probability of every prompt token after the first."""
-    B, T = len(prompts), max(len(p) for p in prompts)
-    tokens = torch.zeros(B, T, dtype=torch.long)
-    for b, prompt in enumerate(prompts):
-        tokens[b, :len(prompt)] = torch.as_tensor(prompt)
-    tokens = tokens.to(lengths.device)  # (B, T), right-padded with id 0
-    if not prompt_logprobs:
-        return model(tokens, logits_at=T - 1 if uniform else lengths - 1)[:, -1], None  # (B, V)
-    logits = model(tokens)  # (B, T, V): the prompts' own log-likelihoods need every position
-    lp = token_logprobs(logits[:, :-1], tokens[:, 1:]).tolist()  # (B, T - 1)
-    last = logits[torch.arange(B, device=tokens.device), lengths - 1]  # (B, V)
-    return last, [row[:len(p) - 1] for row, p in zip(lp, prompts)]
 
 
 class RowOutput:
@@ -216,43 +144,61 @@ class RowOutput:
 
 
 def generate(model: Transformer, tokenizer: Tokenizer | None, prompts: Sequence[Sequence[int]],
-             max_new_tokens: int | Sequence[int], params: SamplingParams, *, stop_ids: frozenset[int] | None = None,
-             stop_strings: Sequence[str] = (), logprobs: bool = False, prompt_logprobs: bool = False,
-             generator: torch.Generator | None = None) -> list[Completion]:
+             max_new_tokens: int | Sequence[int], params: SamplingParams | Sequence[SamplingParams], *,
+             stop_ids: frozenset[int] | None = None, stop_strings: Sequence[str] = (), logprobs: bool = False,
+             prompt_logprobs: bool = False, generator: torch.Generator | None = None,
+             cache: KVCache | None = None) -> list[Completion]:
     """Complete every prompt (token ids, BOS included) in one batch; return the completions in order.
 
-    Each text continues its prompt: prompt text + completion text reads as the whole sequence.
+    Each text continues its prompt: prompt text + completion text reads as the whole sequence. params may
+    give each prompt its own settings. A finished row leaves the batch at once. `cache` (free slots for
+    every prompt) is reused across calls; without one, a cache of exactly the needed size is made.
     """
     budgets = [max_new_tokens] * len(prompts) if isinstance(max_new_tokens, int) else list(max_new_tokens)
+    row_params = [params] * len(prompts) if isinstance(params, SamplingParams) else list(params)
     if stop_ids is None:
         stop_ids = tokenizer.stop_ids if tokenizer is not None else frozenset()
+    if cache is None:
+        # max(b, 1): a budget below 1 is then refused as such, not as a prompt too long for the cache
+        cache = KVCache.for_model(model, max(len(prompts), 1),
+                                  max((len(p) + max(b, 1) for p, b in zip(prompts, budgets)), default=1))
+    check_prompts(prompts, budgets, cache.free_slots, cache.max_seq_len)
     rows = [RowOutput(tokenizer, b, stop_ids, stop_strings) for b in budgets]
-    prompt_lps: list[list[float] | None] = [None] * len(prompts)
-    for tokens, lps in decode_steps(model, prompts, budgets, params, generator, logprobs, prompt_logprobs):
-        if tokens is None:
-            prompt_lps = lps
-            continue
-        for b, row in enumerate(rows):
-            if not row.done:
-                row.push(tokens[b], lps[b] if lps else None)
-        if all(row.done for row in rows):
-            break
-    return [row.completion(p) for row, p in zip(rows, prompt_lps)]
+    decoder = Decoder(model, cache, generator, logprobs)
+    try:
+        requests = decoder.add(prompts, row_params, budgets, prompt_logprobs)
+        output = dict(zip(requests, rows))
+        while decoder.live:
+            for request, token, lp in decoder.step():
+                row = output[request]
+                row.push(token, lp)
+                if row.done:
+                    decoder.finish(request)
+    finally:
+        decoder.close()
+    return [row.completion(r.prompt_logprobs) for row, r in zip(rows, requests)]
 
 
 def stream(model: Transformer, tokenizer: Tokenizer, prompt: Sequence[int], max_new_tokens: int,
            params: SamplingParams, *, stop_ids: frozenset[int] | None = None, stop_strings: Sequence[str] = (),
-           generator: torch.Generator | None = None, follows_prompt: bool = True) -> Generator[str, None, Completion]:
+           generator: torch.Generator | None = None, follows_prompt: bool = True,
+           cache: KVCache | None = None) -> Generator[str, None, Completion]:
     """Yield the completion of one prompt as text pieces, as soon as each is final; return the Completion.
 
     follows_prompt=False decodes the output as a text of its own (e.g. a chat reply: no leading space).
     """
     stop_ids = tokenizer.stop_ids if stop_ids is None else stop_ids
+    cache = cache or KVCache.for_model(model, 1, len(prompt) + max(max_new_tokens, 1))
+    check_prompts([prompt], [max_new_tokens], cache.free_slots, cache.max_seq_len)
     row = RowOutput(tokenizer, max_new_tokens, stop_ids, stop_strings, follows_prompt)
-    for tokens, _ in decode_steps(model, [prompt], [max_new_tokens], params, generator):
-        piece = row.push(tokens[0])
-        if piece:
-            yield piece
-        if row.done:
-            break
+    decoder = Decoder(model, cache, generator)
+    try:
+        decoder.add([prompt], [params], [max_new_tokens])
+        while not row.done:
+            [(_, token, _)] = decoder.step()
+            piece = row.push(token)
+            if piece:
+                yield piece
+    finally:  # also when the caller stops early: the slot is free for the next call
+        decoder.close()
     return row.completion()

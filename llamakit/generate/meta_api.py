@@ -18,7 +18,7 @@ from llamakit.errors import LlamakitError
 from llamakit.generate.chat import chat_style
 from llamakit.generate.decode import Completion, check_context, check_prompts, generate, prepare_for_decoding
 from llamakit.generate.sampling import SamplingParams
-from llamakit.model import Transformer, resolve_dtype
+from llamakit.model import KVCache, Transformer, resolve_dtype
 from llamakit.runtime import default_dtype, init_processes
 from llamakit.tokenizer import Tokenizer
 from llamakit.tokenizer.chat import UNSAFE_REPLY, Dialog, encode_dialog, has_special_tags, stop_ids_for
@@ -27,7 +27,7 @@ log = logging.getLogger(__name__)
 
 
 class Llama:
-    """A model, its tokenizer and a KV cache sized for max_batch_size sequences of max_seq_len tokens."""
+    """A model, its tokenizer and a KV cache with max_batch_size slots of max_seq_len tokens."""
 
     @staticmethod
     def build(ckpt_dir: str | Path, tokenizer_path: str | Path | None, max_seq_len: int, max_batch_size: int,
@@ -50,13 +50,13 @@ class Llama:
                       "pass extend_context=True", extend_context)  # before the weights load: that can take minutes
         model, tokenizer = load_checkpoint(ckpt_dir, tokenizer_path, resolve_dtype(dtype) or default_dtype(device),
                                            device, adapter=adapter_path)
-        model.setup_kv_cache(max_batch_size, max_seq_len)
         return Llama(model, tokenizer, max_seq_len, max_batch_size, seed, chat_format)
 
     def __init__(self, model: Transformer, tokenizer: Tokenizer, max_seq_len: int, max_batch_size: int,
                  seed: int = 1, chat_format: str | None = None):
         self.model, self.tokenizer = prepare_for_decoding(model), tokenizer
         self.max_seq_len, self.max_batch_size = max_seq_len, max_batch_size
+        self.cache = KVCache.for_model(model, max_batch_size, max_seq_len)  # allocated once, reused by every call
         self.chat_format = chat_style(model, tokenizer, chat_format)
         torch.manual_seed(seed)  # as Meta's build does, for code that samples with the global RNG
         device = model.embed_tokens.weight.device
@@ -109,7 +109,8 @@ class Llama:
         check_prompts(prompt_tokens, budgets, self.max_batch_size, self.max_seq_len)
         params = SamplingParams(temperature=temperature, top_p=top_p)
         return generate(self.model, self.tokenizer, prompt_tokens, budgets, params, stop_ids=stop_ids,
-                        logprobs=logprobs, prompt_logprobs=logprobs and echo, generator=self.generator)
+                        logprobs=logprobs, prompt_logprobs=logprobs and echo, generator=self.generator,
+                        cache=self.cache)
 
     def _gen_len(self, max_gen_len: int | None) -> int:
         if max_gen_len is None:

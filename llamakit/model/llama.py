@@ -1,4 +1,5 @@
-"""The Llama transformer: the whole forward pass, for training (full causal sequence) and decoding (KV cache).
+"""The Llama transformer: the whole forward pass, for training (full causal sequence) and decoding (a KV cache
+the caller owns and passes in).
 
 Shapes: B batch, T new tokens, S cached + new tokens, H query heads, KV key/value heads, D head_dim.
 Module names follow Hugging Face (q_proj, gate_proj, ...) so HF checkpoints and PEFT adapters map 1:1;
@@ -8,13 +9,14 @@ rotary embeddings use the "rotate half" layout, and Meta's interleaved layout is
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from llamakit.model.config import ModelConfig, RopeScaling
-from llamakit.model.kv_cache import KVCache
+from llamakit.model.kv_cache import KVCache, LayerCache
 
 
 class RMSNorm(nn.Module):
@@ -80,19 +82,16 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(config.dim, self.n_kv_heads * self.head_dim, bias=False)
         self.v_proj = nn.Linear(config.dim, self.n_kv_heads * self.head_dim, bias=False)
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, config.dim, bias=False)
-        self.kv_cache: KVCache | None = None
         self.prefix: nn.Module | None = None  # prefix/prompt tuning: called for (k, v) slots every query sees
 
-    def forward(self, x, cos, sin, start_pos: int | torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    def forward(self, x, cos, sin, mask: torch.Tensor | None, kv: LayerCache | None) -> torch.Tensor:
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
         k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, KV, T, D)
         v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, KV, T, D)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if self.kv_cache is not None:
-            k, v = self.kv_cache.update(start_pos, k, v)  # (B, KV, S, D)
-            if mask is not None:
-                k, v = k[:, :, :mask.size(-1)], v[:, :, :mask.size(-1)]  # the slots the mask covers
+        if kv is not None:
+            k, v = kv.update(k, v)  # (B, KV, S, D): this slot's earlier tokens and the new ones
         # Without an explicit mask: causal over the new tokens, except one new token sees the whole cache.
         is_causal = mask is None and T > 1
         if self.prefix is not None and (prefix := self.prefix()) is not None:
@@ -141,9 +140,27 @@ class TransformerBlock(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.dim, config.norm_eps)
         self.mlp = MLP(config)
 
-    def forward(self, x, cos, sin, start_pos: int | torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-        h = x + self.self_attn(self.input_layernorm(x), cos, sin, start_pos, mask)
+    def forward(self, x, cos, sin, mask: torch.Tensor | None, kv: LayerCache | None = None) -> torch.Tensor:
+        h = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, kv)
         return h + self.mlp(self.post_attention_layernorm(h))
+
+
+class TiedHead(nn.Module):
+    """The output projection of a tied model (Llama 3.2, tinyllamas): the embedding matrix, owned by the embedding.
+
+    A module of its own, so a quantized or parallel head can replace it from outside like any other.
+    """
+
+    def __init__(self, embedding: nn.Embedding):
+        super().__init__()
+        self._embedding = [embedding]  # a list, so the matrix is not registered (and saved) twice
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self._embedding[0].weight
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return F.linear(h, self.weight)
 
 
 class Transformer(nn.Module):
@@ -155,59 +172,40 @@ class Transformer(nn.Module):
         self.embed_tokens = nn.Embedding(config.vocab_size, config.dim)
         self.layers = nn.ModuleList(TransformerBlock(config) for _ in range(config.n_layers))
         self.norm = RMSNorm(config.dim, config.norm_eps)
-        # Tied models (Llama 3.2, tinyllamas) reuse the embedding matrix as the output projection.
-        self.lm_head = None if config.tie_word_embeddings else nn.Linear(config.dim, config.vocab_size, bias=False)
+        self.lm_head = (TiedHead(self.embed_tokens) if config.tie_word_embeddings
+                        else nn.Linear(config.dim, config.vocab_size, bias=False))
         self.register_buffer("inv_freq", torch.empty(config.head_dim // 2), persistent=False)
         self.init_weights()
 
-    def forward(self, tokens: torch.Tensor, start_pos: int | torch.Tensor = 0, *,
+    def forward(self, tokens: torch.Tensor, cache: KVCache | None = None, slots: Sequence[int] | None = None, *,
                 mask: torch.Tensor | None = None, logits_at: int | torch.Tensor | None = None) -> torch.Tensor:
-        """Logits for `tokens` at positions start_pos.. (start_pos > 0 needs a KV cache).
+        """Logits for `tokens` (B, T): a whole sequence per row from position 0, or, with a cache, T more
+        tokens appended to each of `slots` (default 0..B-1), which then hold them.
 
-        Rows of different lengths (a right-padded batch) pass a (B,) tensor start_pos, each row's
-        own position, and a boolean `mask` (B, 1, T, S), True where a query may see one of the first
-        S cache slots. `logits_at` (an index, or a (B,) tensor of per-row indices) computes the
-        logits of one position per row, which is all decoding needs.
+        Without a cache, `mask` (B, 1, T, T) may restrict attention further (packed documents).
+        `logits_at` (an index, or a (B,) tensor of per-row indices) computes the logits of one
+        position per row, which is all decoding needs.
         """
         B, T = tokens.shape
         h = self.embed_tokens(tokens)  # (B, T, dim)
-        offsets = torch.arange(T, device=tokens.device)
-        positions = start_pos + offsets if isinstance(start_pos, int) else start_pos[:, None] + offsets  # (T,) / (B, T)
+        view = None
+        if cache is not None:
+            slots = list(range(B)) if slots is None else list(slots)
+            view = cache.view(slots, T)
+            positions, mask = view.positions, view.mask  # (T,) or (B, T); None, (T, S) or (B, 1, T, S)
+        else:
+            positions = torch.arange(T, device=tokens.device)  # (T,)
         cos, sin = rope_cos_sin(self.inv_freq, positions, h.dtype)  # (T, D) or (B, 1, T, D)
-        if mask is None:
-            mask = self._prefill_mask(start_pos, T, tokens.device)
-        for layer in self.layers:
-            h = layer(h, cos, sin, start_pos, mask)
+        for i, layer in enumerate(self.layers):
+            h = layer(h, cos, sin, mask, None if view is None else view.layer(i))
         if isinstance(logits_at, int):
             h = h[:, [logits_at]]  # (B, 1, dim)
         elif logits_at is not None:
             h = h[torch.arange(B, device=h.device), logits_at].unsqueeze(1)  # (B, 1, dim)
-        h = self.norm(h)
-        weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        return F.linear(h, weight).float()  # (B, T or 1, vocab_size)
-
-    def _prefill_mask(self, start_pos: int | torch.Tensor, T: int, device) -> torch.Tensor | None:
-        """Boolean (T, S) mask for several new tokens after a cached prefix; None when is_causal suffices."""
-        if not isinstance(start_pos, int):
-            raise ValueError("per-row start positions need an explicit attention mask")
-        if start_pos == 0 or T == 1 or self.layers[0].self_attn.kv_cache is None:
-            return None
-        query_pos = torch.arange(start_pos, start_pos + T, device=device)
-        key_pos = torch.arange(start_pos + T, device=device)
-        return key_pos[None, :] <= query_pos[:, None]  # (T, S)
-
-    def setup_kv_cache(self, max_batch_size: int, max_seq_len: int | None = None, dtype=None, device=None):
-        """Pre-allocate a KV cache in every layer for incremental decoding."""
-        weight = self.embed_tokens.weight
-        for layer in self.layers:
-            layer.self_attn.kv_cache = KVCache(
-                max_batch_size, max_seq_len or self.config.max_seq_len, self.config.kv_heads,
-                self.config.head_dim, dtype=dtype or weight.dtype, device=device or weight.device)
-
-    def reset_kv_cache(self) -> None:
-        """Free the KV caches: the model is back to full-sequence (training) mode."""
-        for layer in self.layers:
-            layer.self_attn.kv_cache = None
+        logits = self.lm_head(self.norm(h)).float()  # (B, T or 1, vocab_size)
+        if cache is not None:
+            cache.append(slots, T)  # only once the forward has succeeded
+        return logits
 
     def init_buffers(self) -> None:
         """(Re)compute non-persistent buffers on the parameters' device, e.g. after loading on meta."""

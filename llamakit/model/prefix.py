@@ -15,7 +15,6 @@ import torch
 from torch import nn
 
 from llamakit.errors import ConfigError
-from llamakit.model.kv_cache import KVCache
 from llamakit.model.llama import Transformer, rope_cos_sin
 
 
@@ -74,24 +73,24 @@ class PromptKV(nn.Module):
         return None if layer_kv is None else layer_kv[self.layer]
 
 
+class _Recorder:
+    """Stands in for a layer's KV cache to keep the keys and values it computes."""
+
+    def update(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        self.k, self.v = k[0], v[0]  # (KV, P, D)
+        return k, v
+
+
 def virtual_kv(model: Transformer, embeddings: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Each layer's rotated keys and values (KV, P, D) for input embeddings (P, dim) at positions -P..-1."""
     P = embeddings.size(0)
     weight = model.embed_tokens.weight
     h = embeddings.to(weight.dtype)[None]  # (1, P, dim)
     cos, sin = rope_cos_sin(model.inv_freq, torch.arange(-P, 0, device=weight.device), h.dtype)
-    saved = [layer.self_attn.kv_cache for layer in model.layers]
-    try:
-        # A fresh one-row cache in every layer records the keys and values as the blocks compute them.
-        for layer in model.layers:
-            cfg = model.config
-            layer.self_attn.kv_cache = KVCache(1, P, cfg.kv_heads, cfg.head_dim, h.dtype, weight.device)
-        for layer in model.layers:
-            h = layer(h, cos, sin, 0, None)  # (1, P, dim)
-        return [(layer.self_attn.kv_cache.k[0], layer.self_attn.kv_cache.v[0]) for layer in model.layers]
-    finally:
-        for layer, cache in zip(model.layers, saved):
-            layer.self_attn.kv_cache = cache
+    recorders = [_Recorder() for _ in model.layers]
+    for layer, recorder in zip(model.layers, recorders):
+        h = layer(h, cos, sin, None, recorder)  # (1, P, dim)
+    return [(r.k, r.v) for r in recorders]
 
 
 def _vocabulary_sample(model: Transformer, cfg: PrefixConfig) -> torch.Tensor:

@@ -9,6 +9,7 @@ from llamakit import ModelConfig, Transformer, load_model, load_tokenizer, save_
 from llamakit.checkpoint import detect_format
 from llamakit.checkpoint.llama2c import write_llama2c
 from llamakit.errors import CheckpointError
+from llamakit.model import KVCache
 from tests.helpers import hf_logits, random_tokens
 
 # Greedy output of stories260K from BOS, as printed by llama2.c's run.c (-t 0.0) in its doc/stories260K.md:
@@ -34,12 +35,12 @@ def test_stories260k_config(stories):
 def test_stories260k_greedy_matches_run_c(stories, assets):
     model, tok = load_model(stories), load_tokenizer(assets / "tinyllamas" / "tok512.model")
     ids = [tok.bos_id]
-    model.setup_kv_cache(max_batch_size=1)
+    cache = KVCache(model.config, max_slots=1)
     with torch.no_grad():
-        logits = model(torch.tensor([ids]))
+        logits = model(torch.tensor([ids]), cache)
         for _ in range(120):
             ids.append(int(logits[0, -1].argmax()))
-            logits = model(torch.tensor([ids[-1:]]), start_pos=len(ids) - 1)
+            logits = model(torch.tensor([ids[-1:]]), cache)
     assert tok.decode(ids[1:]).startswith(RUNC_GREEDY)
 
 

@@ -6,7 +6,7 @@ import torch
 from llamakit.errors import EvalError
 from llamakit.eval import encode_pair, score_examples, score_pairs
 from llamakit.eval.mmlu import load_examples
-from llamakit.eval.scoring import fit_window
+from llamakit.eval.scoring import fit_window, greedy_answers
 from llamakit.eval.tasks import load_hellaswag, load_piqa
 from tests.eval.conftest import hf_score
 
@@ -82,8 +82,9 @@ def test_empty_continuation_is_an_error(stories):
         encode_pair(stories[1], "context", "")
 
 
-def test_scoring_leaves_no_kv_cache_behind(stories):
+def test_scoring_after_generation_is_unchanged(stories):
     model, tokenizer = stories
-    model.setup_kv_cache(1, 64)  # e.g. left by generation
-    score = score_pairs(model, [encode_pair(tokenizer, "Tom", " ran")], 64)[0]
-    assert model.layers[0].self_attn.kv_cache is None and torch.isfinite(torch.tensor(score.logprob))
+    pair = encode_pair(tokenizer, "Tom", " ran")
+    before = score_pairs(model, [pair], 64)[0]
+    greedy_answers(model, tokenizer, ["Tom"], 64, max_new_tokens=4)  # generation leaves nothing in the model
+    assert score_pairs(model, [pair], 64)[0] == before and torch.isfinite(torch.tensor(before.logprob))

@@ -7,6 +7,7 @@ from llamakit import ModelConfig, Transformer, load_tokenizer
 from llamakit.errors import LlamakitError
 from llamakit.generate import SamplingParams, generate, stream
 from llamakit.generate.decode import check_prompts
+from llamakit.model import KVCache
 
 GREEDY = SamplingParams(temperature=0)
 CONFIG = ModelConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=512, multiple_of=16, max_seq_len=128)
@@ -36,7 +37,6 @@ def _prompts(lengths, seed=0):
 @torch.no_grad()
 def _reference_greedy(model, prompt, steps):
     """Greedy decoding the slow way: a full forward over the whole sequence for every new token."""
-    model.reset_kv_cache()
     tokens = list(prompt)
     for _ in range(steps):
         tokens.append(model(torch.tensor([tokens]))[0, -1].argmax().item())
@@ -79,7 +79,6 @@ def test_logprobs_equal_log_softmax_of_full_forward(model):
     params = SamplingParams(temperature=1.0, top_p=0.8)
     completions = generate(model, None, prompts, 8, params, stop_ids=frozenset(), logprobs=True, prompt_logprobs=True,
                            generator=torch.Generator().manual_seed(0))
-    model.reset_kv_cache()
     for prompt, c in zip(prompts, completions):
         sequence = torch.tensor([prompt + c.tokens])
         with torch.no_grad():
@@ -152,10 +151,9 @@ def test_bad_requests_are_refused_up_front(prompts, budgets, match):
 
 
 def test_kv_cache_overflow_is_a_clear_error(model):
-    model.setup_kv_cache(1, 8)
+    cache = KVCache(model.config, 1, 8)
     with pytest.raises(LlamakitError, match="KV cache overflow"), torch.no_grad():
-        model(torch.tensor([[1] * 10]))
-    model.reset_kv_cache()
+        model(torch.tensor([[1] * 10]), cache)
 
 
 def test_decoding_layout_keeps_values_outputs_and_saving(model, tmp_path):

@@ -128,7 +128,7 @@ def test_max_seq_len_beyond_the_model_needs_extend_context(files, caplog):
                                             "pass extend_context=True"):
         Llama.build(files["bin"], files["tok"], max_seq_len=513, max_batch_size=1)
     llama = Llama.build(files["bin"], files["tok"], max_seq_len=600, max_batch_size=1, extend_context=True)
-    assert llama.model.layers[0].self_attn.kv_cache.k.shape[2] == 600  # the cache holds the whole window
+    assert llama.cache.max_seq_len == 600  # the cache holds the whole window
     assert [r.getMessage().split(":")[0] for r in caplog.records if r.levelname == "WARNING"] == [
         "max_seq_len=600 is beyond the model's 512-token context"]
     assert Llama.build(files["bin"], files["tok"], max_seq_len=512, max_batch_size=1).max_seq_len == 512
@@ -145,5 +145,5 @@ def test_an_unsupported_dtype_is_refused_not_replaced(files, dtype):
 def test_a_supported_dtype_is_honoured_everywhere(files, dtype, expected):
     llama = Llama.build(files["bin"], files["tok"], 64, 1, dtype=dtype)
     assert {p.dtype for p in llama.model.parameters()} == {expected}
-    assert llama.model.layers[0].self_attn.kv_cache.k.dtype == expected
+    assert llama.cache.k.dtype == expected
     assert llama.text_completion(["Once upon a time"], temperature=0, max_gen_len=8)[0]["generation"].strip()

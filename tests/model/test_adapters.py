@@ -5,6 +5,7 @@ import torch
 
 from llamakit import load_model
 from llamakit.errors import ConfigError
+from llamakit.model import KVCache
 from llamakit.model.lora import LINEAR_NAMES, LoRAConfig, LoRALinear, apply_lora, disable_lora, merge_lora
 from llamakit.model.prefix import PrefixConfig, apply_prefix_tuning, apply_prompt_tuning
 from tests.helpers import hf_llama, random_tokens
@@ -125,9 +126,8 @@ def test_virtual_tokens_decode_with_a_kv_cache_as_the_full_forward(base, apply):
     _perturb(model)
     with torch.inference_mode():
         full = model(tokens)
-        model.setup_kv_cache(tokens.size(0), 32)
-        steps = [model(tokens[:, :12], 0)] + [model(tokens[:, t:t + 1], t) for t in range(12, tokens.size(1))]
-        model.reset_kv_cache()
+        cache = KVCache(model.config, tokens.size(0), 32)
+        steps = [model(tokens[:, :12], cache)] + [model(tokens[:, t:t + 1], cache) for t in range(12, tokens.size(1))]
     assert (torch.cat(steps, dim=1) - full).abs().max() <= TOL
     assert (full - load_model(folder)(tokens)).abs().max() > 0.01  # the prefix changes the output
 

@@ -1,11 +1,13 @@
 """Properties of the model itself: presets, KV cache, causality, dtypes, meta-device construction."""
 
+import copy
+
 import pytest
 import torch
 
 from llamakit import ModelConfig, Transformer
 from llamakit.errors import ConfigError, LlamakitError
-from llamakit.model import PRESETS
+from llamakit.model import PRESETS, KVCache
 
 PUBLISHED = {  # parameter counts as published (model cards / papers)
     "llama-7b": 6_738_415_616, "llama-13b": 13_015_864_320, "llama-33b": 32_528_943_616,
@@ -60,10 +62,10 @@ def test_kv_cache_decoding_equals_full_forward():
     model, tokens = _model(), torch.randint(0, 97, (3, 20))
     with torch.no_grad():
         full = model(tokens)
-        model.setup_kv_cache(max_batch_size=3)
-        prefill = model(tokens[:, :7])  # prompt
-        chunk = model(tokens[:, 7:12], start_pos=7)  # several tokens after a cached prefix
-        steps = [model(tokens[:, t:t + 1], start_pos=t) for t in range(12, 20)]  # one at a time
+        cache = KVCache(model.config, max_slots=3)
+        prefill = model(tokens[:, :7], cache)  # prompt
+        chunk = model(tokens[:, 7:12], cache)  # several tokens after a cached prefix
+        steps = [model(tokens[:, t:t + 1], cache) for t in range(12, 20)]  # one at a time
     cached = torch.cat([prefill, chunk, *steps], dim=1)
     assert (cached - full).abs().max().item() < 1e-5
 
@@ -80,10 +82,10 @@ def test_causality():
 
 def test_cache_overflow_is_a_clear_error():
     model = _model()
-    model.setup_kv_cache(max_batch_size=1, max_seq_len=8)
+    cache = KVCache(model.config, max_slots=1, max_seq_len=8)
     with pytest.raises(LlamakitError, match="KV cache overflow"):
-        model(torch.zeros(1, 9, dtype=torch.long))
-    model.reset_kv_cache()
+        model(torch.zeros(1, 9, dtype=torch.long), cache)
+    assert cache.lengths == [0]  # a refused forward appends nothing
     assert model(torch.zeros(1, 9, dtype=torch.long)).shape == (1, 9, 97)
 
 
@@ -108,9 +110,29 @@ def test_meta_device_then_materialise():
     assert torch.isfinite(tiny(torch.zeros(1, 4, dtype=torch.long))).all()
 
 
+class DoubledHead(torch.nn.Module):
+    def __init__(self, head):
+        super().__init__()
+        self.head = head
+
+    def forward(self, h):
+        return 2 * self.head(h)
+
+
 def test_tied_embeddings_share_one_matrix():
     model = _model(TINY.replace(tie_word_embeddings=True))
-    assert model.lm_head is None and "lm_head.weight" not in model.state_dict()
+    assert model.lm_head.weight is model.embed_tokens.weight and "lm_head.weight" not in model.state_dict()
+    assert copy.deepcopy(model).lm_head.weight is not model.embed_tokens.weight  # a copy ties to its own embedding
+
+
+def test_the_output_head_is_a_module_that_can_be_swapped():
+    """Quantization and tensor parallelism replace the head from outside; tied models included."""
+    for tied in (False, True):
+        model, tokens = _model(TINY.replace(tie_word_embeddings=tied)), torch.randint(0, 97, (1, 5))
+        with torch.no_grad():
+            expected = 2 * model(tokens)
+            model.lm_head = DoubledHead(model.lm_head)
+            assert torch.equal(model(tokens), expected)
 
 
 @pytest.mark.gpu
