@@ -10,6 +10,7 @@ from llamakit.cli.checkpoints import add_convert, add_download, add_info, conver
 from llamakit.cli.data import add_prepare, add_tokenizer, prepare, tokenizer_tools
 from llamakit.cli.evaluate import add_eval, evaluate
 from llamakit.cli.inference import add_chat, add_generate, chat, generate
+from llamakit.cli.serve import add_serve, serve
 from llamakit.cli.train import add_finetune, add_merge, add_pretrain, finetune, merge, pretrain
 from llamakit.errors import LlamakitError
 
@@ -27,6 +28,7 @@ COMMANDS = {  # name: (add arguments, run)
     "finetune": (add_finetune, finetune),
     "merge": (add_merge, merge),
     "eval": (add_eval, evaluate),
+    "serve": (add_serve, serve),
 }
 
 

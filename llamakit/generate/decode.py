@@ -169,11 +169,11 @@ def generate(model: Transformer, tokenizer: Tokenizer | None, prompts: Sequence[
         requests = decoder.add(prompts, row_params, budgets, prompt_logprobs)
         output = dict(zip(requests, rows))
         while decoder.live:
-            for request, token, lp in decoder.step():
-                row = output[request]
-                row.push(token, lp)
+            for token in decoder.step():
+                row = output[token.request]
+                row.push(token.id, token.logprob)
                 if row.done:
-                    decoder.finish(request)
+                    decoder.finish(token.request)
     finally:
         decoder.close()
     return [row.completion(r.prompt_logprobs) for row, r in zip(rows, requests)]
@@ -195,8 +195,8 @@ def stream(model: Transformer, tokenizer: Tokenizer, prompt: Sequence[int], max_
     try:
         decoder.add([prompt], [params], [max_new_tokens])
         while not row.done:
-            [(_, token, _)] = decoder.step()
-            piece = row.push(token)
+            [token] = decoder.step()
+            piece = row.push(token.id)
             if piece:
                 yield piece
     finally:  # also when the caller stops early: the slot is free for the next call

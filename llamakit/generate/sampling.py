@@ -28,12 +28,15 @@ class SamplingParams:
     top_k: int = 0
     min_p: float = 0.0
     repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0  # OpenAI's: subtracted from every token already in the output
+    frequency_penalty: float = 0.0  # OpenAI's: subtracted once per time a token is in the output
     seed: int | None = None  # the row's own random stream; None draws from the caller's generator
 
     def __post_init__(self):
         if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, Integral)):
             raise ConfigError(f"bad sampling setting seed={self.seed!r}: seed must be an integer (or None)")
-        for name in ("temperature", "top_p", "top_k", "min_p", "repetition_penalty"):
+        for name in ("temperature", "top_p", "top_k", "min_p", "repetition_penalty", "presence_penalty",
+                     "frequency_penalty"):
             value, kind = getattr(self, name), Integral if name == "top_k" else Real
             if isinstance(value, bool) or not isinstance(value, kind) or not math.isfinite(value):
                 what = "an integer" if kind is Integral else "a finite number"
@@ -44,6 +47,9 @@ class SamplingParams:
             "top_k": (self.top_k >= 0, "top_k must be >= 0 (0 disables it)"),
             "min_p": (0 <= self.min_p < 1, "min_p must be in [0, 1) (0 disables it)"),
             "repetition_penalty": (self.repetition_penalty > 0, "repetition_penalty must be > 0 (1 disables it)"),
+            "presence_penalty": (-2 <= self.presence_penalty <= 2, "presence_penalty must be in [-2, 2] (0 disables it)"),
+            "frequency_penalty": (-2 <= self.frequency_penalty <= 2,
+                                  "frequency_penalty must be in [-2, 2] (0 disables it)"),
         }
         for name, (ok, message) in checks.items():
             if not ok:
@@ -73,6 +79,9 @@ class RowParams:
         self.min_p = column("min_p") if any(p.min_p > 0 for p in params) else None
         self.repetition_penalty = (column("repetition_penalty")
                                    if any(p.repetition_penalty != 1 for p in params) else None)
+        penalized = any(p.presence_penalty or p.frequency_penalty for p in params)
+        self.presence_penalty = column("presence_penalty") if penalized else None
+        self.frequency_penalty = column("frequency_penalty") if penalized else None
 
 
 def as_rows(params: SamplingParams | RowParams, logits: torch.Tensor) -> RowParams:
@@ -134,12 +143,22 @@ def min_p_filter(logits: torch.Tensor, min_p: float | torch.Tensor) -> torch.Ten
     return logits.masked_fill(probs < threshold, float("-inf"))
 
 
-def probs(logits: torch.Tensor, params: SamplingParams | RowParams, seen: torch.Tensor | None = None
-          ) -> torch.Tensor:
-    """The distribution (B, V) each row's next token is drawn from; a greedy row's is one-hot at its argmax."""
-    rows = as_rows(params, logits)
+def apply_penalties(logits: torch.Tensor, rows: RowParams, seen: torch.Tensor | None, counts: torch.Tensor | None
+                    ) -> torch.Tensor:
+    """CTRL's repetition penalty over `seen` (B, V), then OpenAI's presence and frequency penalties over the
+    output's token `counts` (B, V): logit - frequency * count - presence * (count > 0)."""
     if seen is not None and rows.repetition_penalty is not None:
         logits = apply_repetition_penalty(logits, seen, rows.repetition_penalty)
+    if counts is not None and rows.presence_penalty is not None:
+        logits = logits - rows.frequency_penalty * counts - rows.presence_penalty * (counts > 0)
+    return logits
+
+
+def probs(logits: torch.Tensor, params: SamplingParams | RowParams, seen: torch.Tensor | None = None,
+          counts: torch.Tensor | None = None) -> torch.Tensor:
+    """The distribution (B, V) each row's next token is drawn from; a greedy row's is one-hot at its argmax."""
+    rows = as_rows(params, logits)
+    logits = apply_penalties(logits, rows, seen, counts)
     if rows.all_greedy or rows.greedy is not None:
         best = logits.argmax(dim=-1, keepdim=True)  # (B, 1)
         one_hot = torch.zeros_like(logits, dtype=torch.float32).scatter_(-1, best, 1.0)  # (B, V)
@@ -175,14 +194,12 @@ def draw(probs: torch.Tensor, generator: torch.Generator | Sequence[torch.Genera
 
 def sample(logits: torch.Tensor, params: SamplingParams | RowParams,
            generator: torch.Generator | Sequence[torch.Generator | None] | None = None,
-           seen: torch.Tensor | None = None) -> torch.Tensor:
+           seen: torch.Tensor | None = None, counts: torch.Tensor | None = None) -> torch.Tensor:
     """The next token id (B,) for each row of logits (B, V)."""
     rows = as_rows(params, logits)
     if rows.all_greedy:
-        if seen is not None and rows.repetition_penalty is not None:
-            logits = apply_repetition_penalty(logits, seen, rows.repetition_penalty)
-        return logits.argmax(dim=-1)
-    return draw(probs(logits, rows, seen), generator)
+        return apply_penalties(logits, rows, seen, counts).argmax(dim=-1)
+    return draw(probs(logits, rows, seen, counts), generator)
 
 
 def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:

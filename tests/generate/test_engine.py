@@ -37,7 +37,7 @@ def _alone(model, prompt, params, steps):
     """The tokens a request gets when it has the cache to itself."""
     decoder = Decoder(model, KVCache.for_model(model, 1, 64))
     [request] = decoder.add([prompt], [params], [steps])
-    return [decoder.step()[0][1] for _ in range(steps)], request
+    return [decoder.step()[0].id for _ in range(steps)], request
 
 
 def test_a_request_prefilled_while_others_decode_gets_what_it_gets_alone(model):
@@ -48,14 +48,14 @@ def test_a_request_prefilled_while_others_decode_gets_what_it_gets_alone(model):
     first = decoder.add(prompts[:2], MIXED[:2], [12, 12])
     got = {r: [] for r in first}
     for _ in range(4):
-        for request, token, _ in decoder.step():
-            got[request].append(token)
+        for token in decoder.step():
+            got[token.request].append(token.id)
     [late] = decoder.add(prompts[2:], MIXED[2:], [12])
     assert late.slot == 2 and decoder.cache.lengths[:2] == [5 + 3, 9 + 3]  # the others keep their places
     got[late] = []
     for _ in range(8):
-        for request, token, _ in decoder.step():
-            got[request].append(token)
+        for token in decoder.step():
+            got[token.request].append(token.id)
     for request, prompt, params in zip([*first, late], prompts, MIXED):
         expected, _ = _alone(model, prompt, params, len(got[request]))
         assert got[request] == expected
@@ -158,4 +158,52 @@ def test_decoder_exposes_the_distribution_it_samples_from(model):
     decoder = Decoder(model, KVCache.for_model(model, 1, 32))
     [request] = decoder.add([_prompt(5, 9)], [MIXED[2]], [4])
     p = decoder.probs(request)
-    assert torch.allclose(p.sum(), torch.tensor(1.0)) and p[decoder.step()[0][1]] > 0
+    assert torch.allclose(p.sum(), torch.tensor(1.0)) and p[decoder.step()[0].id] > 0
+
+
+def test_enqueued_prompts_prefill_a_chunk_per_step_while_others_decode(model):
+    """Continuous batching: a long prompt is prefilled 4 tokens per step; the running request gets a token every
+    step meanwhile, and both end up with their solo tokens."""
+    decoder = Decoder(model, KVCache.for_model(model, 2, 64), prefill_chunk=4)
+    [running] = decoder.add([_prompt(5, 1)], [MIXED[1]], [10])
+    [late] = decoder.enqueue([_prompt(10, 2)], [MIXED[2]], [6])
+    got = {running: [], late: []}
+    for step in range(8):
+        tokens = decoder.step()
+        assert [t.request for t in tokens][0] is running  # never stalled by the prefill
+        assert (late in [t.request for t in tokens]) == (step >= 2)  # 10 prompt tokens: 4 + 4 + 2
+        for t in tokens:
+            got[t.request].append(t.id)
+    assert got[running] == _alone(model, _prompt(5, 1), MIXED[1], 8)[0]
+    assert got[late] == _alone(model, _prompt(10, 2), MIXED[2], 6)[0]
+
+
+def test_min_tokens_bans_the_stop_tokens_until_reached(model):
+    prompt = _prompt(6, 3)
+    free, _ = _alone(model, prompt, MIXED[0], 4)
+    decoder = Decoder(model, KVCache.for_model(model, 1, 32))
+    decoder.add([prompt], [MIXED[0]], [4], min_tokens=2, stop_ids=frozenset(free[:2]))
+    got = [decoder.step()[0].id for _ in range(4)]
+    assert got[0] != free[0] and got[1] not in free[:2]
+
+
+def test_top_logprobs_are_the_most_likely_tokens_under_the_raw_distribution(model):
+    prompt = _prompt(6, 4)
+    decoder = Decoder(model, KVCache.for_model(model, 1, 32))
+    decoder.add([prompt], [MIXED[1]], [2], top_logprobs=3)
+    [token] = decoder.step()
+    with torch.no_grad():
+        expected = model(torch.tensor([prompt]))[0, -1].log_softmax(-1)
+    assert token.logprob == pytest.approx(expected[token.id].item(), abs=1e-5)
+    values, ids = expected.topk(3)
+    assert [i for i, _ in token.top] == ids.tolist()
+    assert [lp for _, lp in token.top] == pytest.approx(values.tolist(), abs=1e-5)
+
+
+def test_presence_and_frequency_penalties_follow_openai():
+    logits = torch.randn(1, 50, generator=torch.Generator().manual_seed(4))
+    counts = torch.zeros(1, 50)
+    counts[0, 3], counts[0, 7] = 2, 1
+    params = SamplingParams(temperature=1.0, top_p=1.0, presence_penalty=0.5, frequency_penalty=0.25)
+    expected = (logits - 0.25 * counts - 0.5 * (counts > 0)).softmax(-1)
+    assert torch.allclose(probs(logits, params, counts=counts), expected, atol=1e-6)

@@ -1,0 +1,89 @@
+"""A real `llamakit serve` subprocess on a free loopback port, serving stories260K, shared by the serve tests."""
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+
+import pytest
+
+API_KEY = "test-key-123"
+MODEL = "stories"
+
+
+@dataclass
+class Server:
+    url: str
+    proc: subprocess.Popen
+    log: object
+
+    @property
+    def base_url(self) -> str:
+        return f"{self.url}/v1"
+
+    def log_text(self) -> str:
+        with open(self.log.name, encoding="utf-8") as f:
+            return f.read()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(assets, log_path, *extra: str, api_key: str | None = API_KEY, wait: bool = True) -> Server:
+    port = free_port()
+    command = [sys.executable, "-m", "llamakit", "serve", "--checkpoint", str(assets / "tinyllamas" / "stories260K.bin"),
+               "--tokenizer", str(assets / "tinyllamas" / "tok512.model"), "--port", str(port),
+               "--served-model-name", MODEL, *extra]
+    if api_key:
+        command += ["--api-key", api_key]
+    log = open(log_path, "w", encoding="utf-8")  # noqa: SIM115 - closed by stop()
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
+    server = Server(f"http://127.0.0.1:{port}", proc, log)
+    if wait:
+        wait_ready(server)
+    return server
+
+
+def wait_ready(server: Server, timeout: float = 60) -> None:
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if server.proc.poll() is not None:
+            raise RuntimeError(f"the server exited ({server.proc.returncode}):\n{server.log_text()}")
+        try:
+            if httpx.get(f"{server.url}/health", timeout=1).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.1)
+    raise RuntimeError(f"the server did not get ready in {timeout} s:\n{server.log_text()}")
+
+
+def stop(server: Server) -> int:
+    if server.proc.poll() is None:
+        server.proc.send_signal(signal.SIGTERM)
+    code = server.proc.wait(timeout=30)
+    server.log.close()
+    return code
+
+
+@pytest.fixture(scope="session")
+def server(assets, tmp_path_factory):
+    server = start_server(assets, tmp_path_factory.mktemp("serve") / "server.log", "--max-batch-size", "8",
+                          "--max-waiting", "64")
+    yield server
+    stop(server)
+
+
+@pytest.fixture(scope="session")
+def client(server):
+    openai = pytest.importorskip("openai")
+    return openai.OpenAI(base_url=server.base_url, api_key=API_KEY, max_retries=0, timeout=60)

@@ -1,0 +1,100 @@
+"""Continuous batching under load: many requests at once each get exactly what they get alone; a client that leaves
+frees its slot; a full queue answers 429 and the server goes on."""
+
+import re
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import pytest
+
+from tests.serve.conftest import API_KEY, MODEL, start_server, stop
+from tests.serve.test_api import expected_chat, expected_completion, reference  # noqa: F401 - a fixture
+
+WORDS = ["cat", "dog", "sun", "tree", "girl", "boy", "ball", "park", "cake", "bird", "fish", "star", "moon", "rain",
+         "king", "frog"]
+
+
+def _requests(count: int):
+    """Prompts and budgets that differ, so rows join and leave the batch at different steps."""
+    for i in range(count):
+        prompt = f"Once upon a time, a {WORDS[i % 16]} and a {WORDS[(i * 7 + 3) % 16]}"
+        yield i, prompt, 8 + (i * 13) % 50
+
+
+def test_64_requests_32_at_once_each_equal_to_running_alone(client, reference):  # noqa: F811
+    def run(item):
+        i, prompt, max_tokens = item
+        if i % 4 == 3:
+            messages = [{"role": "user", "content": prompt}]
+            got = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=max_tokens, temperature=0)
+            return i, got.choices[0].message.content
+        got = client.completions.create(model=MODEL, prompt=prompt, max_tokens=max_tokens, temperature=0)
+        return i, got.choices[0].text
+
+    with ThreadPoolExecutor(32) as pool:
+        answers = dict(pool.map(run, list(_requests(64))))
+    assert sorted(answers) == list(range(64))  # none lost or duplicated
+    for i, prompt, max_tokens in _requests(64):
+        if i % 4 == 3:
+            _, expected = expected_chat(reference, [{"role": "user", "content": prompt}], max_tokens)
+        else:
+            expected = expected_completion(reference, prompt, max_tokens)[1].text
+        assert answers[i] == expected, f"request {i} differs from running alone"
+
+
+def _slots_in_use(server) -> float:
+    text = httpx.get(f"{server.url}/metrics", headers={"Authorization": f"Bearer {API_KEY}"}).text
+    return float(re.search(r"^llamakit_kv_cache_slots_in_use (\S+)$", text, re.M).group(1))
+
+
+def test_a_client_that_leaves_frees_its_slot(server, client):
+    body = {"model": MODEL, "prompt": "Once upon a time", "max_tokens": 400, "stream": True, "ignore_eos": True}
+    with httpx.stream("POST", f"{server.url}/v1/completions", json=body, timeout=30,
+                      headers={"Authorization": f"Bearer {API_KEY}"}) as response:
+        lines = response.iter_lines()
+        assert next(lines).startswith("data: ")
+        assert _slots_in_use(server) == 1
+    deadline = time.monotonic() + 10
+    while _slots_in_use(server) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert _slots_in_use(server) == 0
+    assert client.completions.create(model=MODEL, prompt="Hi", max_tokens=3).choices[0].text is not None
+
+
+@pytest.fixture(scope="module")
+def tiny_queue(assets, tmp_path_factory):
+    server = start_server(assets, tmp_path_factory.mktemp("serve") / "tiny.log", "--max-batch-size", "1",
+                          "--max-waiting", "1")
+    yield server
+    stop(server)
+
+
+def test_a_full_queue_answers_429_and_the_server_goes_on(tiny_queue):
+    headers = {"Authorization": f"Bearer {API_KEY}"}
+    body = {"model": MODEL, "prompt": "Once", "max_tokens": 300, "ignore_eos": True}
+
+    def post(_):
+        return httpx.post(f"{tiny_queue.url}/v1/completions", json=body, headers=headers, timeout=60).status_code
+
+    with ThreadPoolExecutor(4) as pool:
+        statuses = sorted(pool.map(post, range(4)))
+    assert statuses.count(200) >= 2 and 429 in statuses  # one running, one waiting, the rest refused
+    assert post(0) == 200
+
+
+def test_sigterm_drains_running_requests_and_exits_cleanly(assets, tmp_path):
+    server = start_server(assets, tmp_path / "drain.log")
+    body = {"model": MODEL, "prompt": "Hi", "max_tokens": 200, "ignore_eos": True}
+    with ThreadPoolExecutor(1) as pool:
+        running = pool.submit(httpx.post, f"{server.url}/v1/completions", json=body, timeout=30,
+                              headers={"Authorization": f"Bearer {API_KEY}"})
+        deadline = time.monotonic() + 10
+        while _slots_in_use(server) == 0 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert stop(server) == 0  # SIGTERM while the request runs
+        response = running.result()
+    assert response.status_code == 200 and response.json()["usage"]["completion_tokens"] == 200
+    log = server.log_text()
+    assert "Traceback" not in log and "shutting down" in log
+    assert re.search(r"cmpl-\w+: \d+ prompt tokens, 200 completion tokens, first token [\d.]+ s", log)
