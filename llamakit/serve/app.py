@@ -277,7 +277,7 @@ class _Run:
             while open_jobs:
                 try:
                     index, event = await asyncio.wait_for(self.events.get(), timeout=0.5)
-                except TimeoutError:
+                except asyncio.TimeoutError:  # noqa: UP041 - TimeoutError only from Python 3.11
                     if await request.is_disconnected():
                         return
                     continue
@@ -325,9 +325,10 @@ class _Run:
 
     def _apply(self, index: int, event) -> None:
         choice = self.choices[index]
-        if isinstance(event, Delta):
+        if isinstance(event, Delta):  # one per sampled token: counted even if the client leaves before the end
             choice.text += event.text
             choice.tokens += event.tokens
+            choice.completion_tokens += 1
         elif isinstance(event, Finished):
             choice.finish_reason, choice.completion_tokens = event.finish_reason, event.completion_tokens
         elif isinstance(event, Failed):

@@ -98,3 +98,16 @@ def test_sigterm_drains_running_requests_and_exits_cleanly(assets, tmp_path):
     log = server.log_text()
     assert "Traceback" not in log and "shutting down" in log
     assert re.search(r"cmpl-\w+: \d+ prompt tokens, 200 completion tokens, first token [\d.]+ s", log)
+
+
+def test_metrics_report_requests_tokens_slots_and_latencies(server, client):
+    client.completions.create(model=MODEL, prompt="Hi", max_tokens=4, temperature=0)
+    text = httpx.get(f"{server.url}/metrics", headers={"Authorization": f"Bearer {API_KEY}"}).text
+    values = dict(re.findall(r"^(llamakit_[a-z_]+(?:\{[^}]*\})?) (\S+)$", text, re.M))
+    assert float(values["llamakit_kv_cache_slots"]) == 8
+    assert float(values["llamakit_prompt_tokens_total"]) > 0 and float(values["llamakit_generation_tokens_total"]) >= 4
+    assert float(values['llamakit_requests_total{route="/v1/completions",status="200"}']) >= 1
+    for gauge in ("llamakit_requests_running", "llamakit_requests_waiting", "llamakit_kv_cache_slots_in_use"):
+        assert float(values[gauge]) == 0  # nothing in flight now
+    for histogram in ("llamakit_time_to_first_token_seconds", "llamakit_time_per_output_token_seconds"):
+        assert float(values[f"{histogram}_count"]) > 0
