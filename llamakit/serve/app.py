@@ -13,7 +13,7 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from importlib import resources
 
@@ -21,6 +21,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from llamakit.errors import LlamakitError
 from llamakit.generate.sampling import SamplingParams
@@ -65,7 +66,8 @@ def create_app(state: ServerState) -> FastAPI:
     app.state.llamakit = state
     app.add_exception_handler(APIError, _api_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
-    app.middleware("http")(_guard(state))
+    app.add_exception_handler(StarletteHTTPException, _http_error)
+    app.add_middleware(_Guard, state=state)
 
     @app.get("/health")
     async def health():
@@ -97,38 +99,73 @@ def create_app(state: ServerState) -> FastAPI:
     return app
 
 
-def _guard(state: ServerState) -> Callable:
-    """Per request: the API key (constant-time compare), the body size limit, and the request counter."""
-    expected = f"Bearer {state.api_key}".encode() if state.api_key else None
+class _Guard:
+    """ASGI middleware, per request: the API key (constant-time compare), the body size limit (the body is read
+    here, at most max_body_bytes of it, then replayed to the route), and the request counter."""
 
-    async def guard(request: Request, call_next):
-        route = request.url.path
-        if expected is not None and route not in OPEN_ROUTES:
-            given = request.headers.get("authorization", "").encode()
-            if not hmac.compare_digest(given, expected):
-                return _count(state, route, _error(401, "Incorrect or missing API key; pass it as "
-                                                   "'Authorization: Bearer KEY'", "authentication_error",
-                                                   "invalid_api_key"))
-        size = request.headers.get("content-length")
-        if size is not None and (not size.isdigit() or int(size) > state.max_body_bytes):
-            return _count(state, route, _error(413, f"the request body is larger than {state.max_body_bytes} bytes"))
-        if size is None and request.method == "POST":
-            body = b""
-            async for chunk in request.stream():
-                body += chunk
-                if len(body) > state.max_body_bytes:
-                    return _count(state, route, _error(413, f"the request body is larger than "
-                                                       f"{state.max_body_bytes} bytes"))
-            request._body = body  # read once here; the route parses it
-        return _count(state, route, await call_next(request))
+    def __init__(self, app, state: ServerState):
+        self.app, self.state = app, state
+        self.expected = f"Bearer {state.api_key}".encode() if state.api_key else None
 
-    return guard
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        route, headers = scope["path"], dict(scope["headers"])
+        status = {"code": 500}
+
+        async def counted_send(message):
+            if message["type"] == "http.response.start":
+                status["code"] = message["status"]
+            await send(message)
+
+        refusal = self._refuse(route, headers)
+        if refusal is None and scope["method"] == "POST":
+            body, refusal = await self._read_body(receive)
+            receive = _replay(body, receive)
+        await (refusal or self.app)(scope, receive, counted_send)
+        if route.startswith("/v1/"):
+            self.state.metrics.requests.labels(route, str(status["code"])).inc()
+
+    def _refuse(self, route: str, headers: dict) -> Response | None:
+        if self.expected is not None and route not in OPEN_ROUTES and not hmac.compare_digest(
+                headers.get(b"authorization", b""), self.expected):
+            return _error(401, "Incorrect or missing API key; pass it as 'Authorization: Bearer KEY'",
+                          "authentication_error", "invalid_api_key")
+        size = headers.get(b"content-length", b"0")
+        if not size.isdigit() or int(size) > self.state.max_body_bytes:
+            return self._too_large()
+        return None
+
+    async def _read_body(self, receive) -> tuple[bytes, Response | None]:
+        chunks, size, more = [], 0, True
+        while more:
+            message = await receive()
+            if message["type"] != "http.request":
+                break
+            chunks.append(message.get("body", b""))
+            size += len(chunks[-1])
+            if size > self.state.max_body_bytes:  # a chunked body with no (or a false) content-length
+                return b"", self._too_large()
+            more = message.get("more_body", False)
+        return b"".join(chunks), None
+
+    def _too_large(self) -> Response:
+        return _error(413, f"the request body is larger than {self.state.max_body_bytes} bytes; send less, or start "
+                      "the server with a larger --max-body-size")
 
 
-def _count(state: ServerState, route: str, response: Response) -> Response:
-    if route.startswith("/v1/"):
-        state.metrics.requests.labels(route, str(response.status_code)).inc()
-    return response
+def _replay(body: bytes, receive):
+    """A receive() that gives the body already read, then what the client sends next (a disconnect)."""
+    sent = False
+
+    async def replay():
+        nonlocal sent
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        return await receive()
+
+    return replay
 
 
 def _error(status: int, message: str, kind: str = "invalid_request_error", code: str | None = None,
@@ -138,6 +175,10 @@ def _error(status: int, message: str, kind: str = "invalid_request_error", code:
 
 async def _api_error(_request: Request, e: APIError) -> JSONResponse:
     return _error(e.status, e.message, e.kind, e.code, e.param)
+
+
+async def _http_error(_request: Request, e: StarletteHTTPException) -> JSONResponse:
+    return _error(e.status_code, str(e.detail))
 
 
 async def _validation_error(_request: Request, e: RequestValidationError) -> JSONResponse:
@@ -272,24 +313,29 @@ class _Run:
 
     async def _events(self, request: Request) -> AsyncIterator[tuple[int, object]]:
         """Events until every job is done; a client that leaves cancels what is left."""
+        watcher = asyncio.create_task(self._watch(request))
         open_jobs = len(self.jobs)
         try:
             while open_jobs:
-                try:
-                    index, event = await asyncio.wait_for(self.events.get(), timeout=0.5)
-                except asyncio.TimeoutError:  # noqa: UP041 - TimeoutError only from Python 3.11
-                    if await request.is_disconnected():
-                        return
-                    continue
+                index, event = await self.events.get()
+                if event is None:  # the client left
+                    return
                 if isinstance(event, Delta) and self.first_token_at is None:
                     self.first_token_at = time.perf_counter()
                 if isinstance(event, Finished | Failed):
                     open_jobs -= 1
                 yield index, event
         finally:
+            watcher.cancel()
             for job in self.jobs:
                 self.scheduler.cancel(job)  # a no-op for finished jobs; frees the slots of a client that left
             self._log()
+
+    async def _watch(self, request: Request) -> None:
+        """Wait for the client to disconnect (the body is read already, so that is all receive() can say)."""
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+        self.events.put_nowait((None, None))
 
     async def collect(self, request: Request) -> JSONResponse:
         async for index, event in self._events(request):

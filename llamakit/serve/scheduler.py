@@ -96,6 +96,7 @@ class Scheduler:
         self._running: dict[Request, _Running] = {}
         self._wake = threading.Condition()
         self._stopping = False
+        self._threads = torch.get_num_threads()
         self._thread = threading.Thread(target=self._loop, name="llamakit-scheduler", daemon=True)
         self._thread.start()
 
@@ -125,6 +126,9 @@ class Scheduler:
         self._thread.join(timeout)
 
     def _loop(self) -> None:
+        # A new thread's OpenMP team starts from the library's defaults; measured on 2 cores, leaving it so made
+        # decode steps 10-30x slower for a while after another thread (the loader) had run torch ops.
+        torch.set_num_threads(self._threads)
         while True:
             with self._wake:
                 while not (self._stopping or self._waiting or self._running):

@@ -186,3 +186,17 @@ def test_the_api_key_guards_every_route_but_health(server):
 def test_an_oversize_body_is_refused(server):
     response = _post(server, "/v1/completions", b'{"model": "stories", "prompt": "' + b"a" * (5 * 2**20) + b'"}')
     assert response.status_code == 413 and "larger than" in response.json()["error"]["message"]
+
+
+def test_a_chunked_oversize_body_is_refused_and_unknown_routes_answer_in_openai_shape(server):
+    def chunks():
+        yield b'{"model": "stories", "prompt": "'
+        for _ in range(5):
+            yield b"a" * 2**20
+        yield b'"}'
+
+    headers = {"Authorization": f"Bearer {API_KEY}", "Content-Type": "application/json"}
+    response = httpx.post(f"{server.url}/v1/completions", content=chunks(), headers=headers, timeout=30)
+    assert response.status_code == 413 and "--max-body-size" in response.json()["error"]["message"]
+    missing = httpx.get(f"{server.url}/v1/nothing", headers=headers)
+    assert missing.status_code == 404 and missing.json()["error"]["type"] == "invalid_request_error"

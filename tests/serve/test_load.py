@@ -43,13 +43,30 @@ def test_64_requests_32_at_once_each_equal_to_running_alone(client, reference): 
         assert answers[i] == expected, f"request {i} differs from running alone"
 
 
+def _cancelled(server) -> list[int]:
+    """Completion tokens of each request the server's log shows as cancelled, oldest first."""
+    time.sleep(0.2)  # the line is written as the request ends
+    return [int(n) for n in re.findall(r"(\d+) completion tokens, .* finish cancelled", server.log_text())]
+
+
 def _slots_in_use(server) -> float:
     text = httpx.get(f"{server.url}/metrics", headers={"Authorization": f"Bearer {API_KEY}"}).text
     return float(re.search(r"^llamakit_kv_cache_slots_in_use (\S+)$", text, re.M).group(1))
 
 
-def test_a_client_that_leaves_frees_its_slot(server, client):
-    body = {"model": MODEL, "prompt": "Once upon a time", "max_tokens": 400, "stream": True, "ignore_eos": True}
+@pytest.fixture(scope="module")
+def long_server(assets, tmp_path_factory):
+    """A context long enough (4096, past stories260K's 512) that a request runs for seconds."""
+    server = start_server(assets, tmp_path_factory.mktemp("serve") / "long.log", "--max-seq-len", "4096",
+                          "--extend-context")
+    yield server
+    stop(server)
+
+
+def test_a_client_that_leaves_frees_its_slot(long_server):
+    server = long_server
+    body = {"model": MODEL, "prompt": "Once upon a time", "max_tokens": 4000, "stream": True, "ignore_eos": True}
+    before = len(_cancelled(server))
     with httpx.stream("POST", f"{server.url}/v1/completions", json=body, timeout=30,
                       headers={"Authorization": f"Bearer {API_KEY}"}) as response:
         lines = response.iter_lines()
@@ -58,8 +75,23 @@ def test_a_client_that_leaves_frees_its_slot(server, client):
     deadline = time.monotonic() + 10
     while _slots_in_use(server) and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert _slots_in_use(server) == 0
-    assert client.completions.create(model=MODEL, prompt="Hi", max_tokens=3).choices[0].text is not None
+    assert _slots_in_use(server) == 0 and _cancelled(server)[before:] and max(_cancelled(server)[before:]) < 4000
+
+
+def test_a_client_that_leaves_a_plain_request_frees_its_slot_too(long_server):
+    server = long_server
+    body = {"model": MODEL, "prompt": "Once upon a time", "max_tokens": 4000, "ignore_eos": True}
+    before = len(_cancelled(server))
+    with pytest.raises(httpx.TimeoutException):  # the client gives up and closes the connection
+        httpx.post(f"{server.url}/v1/completions", json=body, timeout=0.3,
+                   headers={"Authorization": f"Bearer {API_KEY}"})
+    deadline = time.monotonic() + 10
+    while _slots_in_use(server) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert _slots_in_use(server) == 0 and _cancelled(server)[before:] and max(_cancelled(server)[before:]) < 4000
+    ok = httpx.post(f"{server.url}/v1/completions", json={"model": MODEL, "prompt": "Hi", "max_tokens": 3},
+                    headers={"Authorization": f"Bearer {API_KEY}"}, timeout=30)
+    assert ok.status_code == 200
 
 
 @pytest.fixture(scope="module")
