@@ -6,7 +6,9 @@
 The source is the llama-cpp-python sdist from PyPI, which vendors llama.cpp under vendor/llama.cpp, so a
 pinned version needs nothing but pip, cmake and a C++ compiler. Everything lands in
 ~/.cache/llamakit/llama.cpp-<version>/ ($LLAMAKIT_CACHE overrides ~/.cache/llamakit): src/ (the source tree,
-kept for convert_hf_to_gguf.py), build/, and bin/, which only ever holds finished binaries.
+kept for convert_hf_to_gguf.py), build/, and bin/, which only ever holds finished binaries. The converter
+imports the gguf-py beside it (the same version as `gguf` on PyPI, which the 'bench' extra installs with
+its dependencies), torch and transformers.
 """
 
 from __future__ import annotations
@@ -49,6 +51,14 @@ def binaries(version: str = VERSION, jobs: int = 2) -> dict[str, Path]:
     return found
 
 
+def describe(version: str = VERSION) -> str:
+    """Which llama.cpp this is, e.g. "llama.cpp 0c1e570 (llama-cpp-python 0.3.36)"."""
+    out = subprocess.run([str(binaries(version)["llama-server"]), "--version"], capture_output=True, text=True)
+    commit = next((ln.split("commit")[-1].strip(" )") for ln in (out.stdout + out.stderr).splitlines()
+                   if "commit" in ln), "unknown commit")
+    return f"llama.cpp {commit} (llama-cpp-python {version})"
+
+
 def source_tree(version: str = VERSION) -> Path:
     """vendor/llama.cpp of the llama-cpp-python sdist, downloaded and unpacked once."""
     root = cache_dir(version)
@@ -57,7 +67,7 @@ def source_tree(version: str = VERSION) -> Path:
         return tree
     root.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=root) as tmp:
-        _run([sys.executable, "-m", "pip", "download", "--no-binary", ":all:", "--no-deps", "--no-build-isolation",
+        _run([sys.executable, "-m", "pip", "download", "--no-binary", ":all:", "--no-deps",
               "--dest", tmp, f"llama-cpp-python=={version}"], f"downloading llama-cpp-python=={version} from PyPI")
         sdist = next(Path(tmp).glob("llama_cpp_python-*.tar.gz"))
         with tarfile.open(sdist) as tar:
@@ -88,7 +98,7 @@ def convert_to_gguf(checkpoint: str | Path, out: str | Path, version: str = VERS
         return out
     converter = source_tree(version) / "convert_hf_to_gguf.py"
     with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
-        hf = Path(tmp) / "hf"
+        hf = Path(tmp) / Path(checkpoint).name  # the converter names the model after its folder
         _run([sys.executable, "-m", "llamakit", "convert", str(checkpoint), str(hf), "--to", "hf"],
              "converting the checkpoint to Hugging Face format")
         partial = Path(tmp) / out.name
