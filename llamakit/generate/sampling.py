@@ -67,7 +67,6 @@ class RowParams:
         def column(name: str, dtype=torch.float32) -> torch.Tensor:
             return torch.tensor([getattr(p, name) for p in params], dtype=dtype, device=device)[:, None]  # (B, 1)
 
-        self.params = list(params)
         greedy = [p.greedy for p in params]
         self.all_greedy = all(greedy)
         self.greedy = column("greedy", torch.bool) if any(greedy) and not self.all_greedy else None
