@@ -1,0 +1,188 @@
+"""Preference data: two answers to one prompt, one preferred, for reward models, DPO and PPO's prompts.
+
+Rows are read from JSON / JSON Lines (.gz) / Parquet files (data/sft_records.py) in three forms:
+- Anthropic HH-RLHF: {"chosen": transcript, "rejected": transcript}, each "\\n\\nHuman: ...\\n\\nAssistant: ..."; the
+  turns before the last assistant turn are the prompt, the two last assistant turns the answers;
+- {"prompt": str | "messages": [...], "chosen": str, "rejected": str}, with an optional "margin" (a number) or a
+  Llama 2 "rating" ("significantly better", "better", "slightly better", "negligibly better", "unsure");
+- trl's conversational form: "chosen" and "rejected" are message lists (with the prompt in front, or in "prompt").
+A row of the wrong shape is refused, named as file[index]; a row whose answers are empty, equal, or follow different
+prompts (a handful in HH-RLHF) is skipped and counted.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from llamakit.data.sft_records import read_records
+from llamakit.errors import DataError
+from llamakit.tokenizer.base import Tokenizer
+from llamakit.tokenizer.chat import ChatFormatError, encode_exchanges
+
+# Llama 2 §3.2.2 (Table 28): the margin m(r) for each preference rating, small and large variants.
+RATING_MARGINS = {
+    "small": {"significantly better": 1.0, "better": 2 / 3, "slightly better": 1 / 3, "negligibly better": 0.0,
+              "unsure": 0.0},
+    "large": {"significantly better": 3.0, "better": 2.0, "slightly better": 1.0, "negligibly better": 0.0,
+              "unsure": 0.0},
+}
+HH_TURN = re.compile(r"\n\n(Human|Assistant): ")
+HH_ROLES = {"Human": "user", "Assistant": "assistant"}
+
+
+@dataclass
+class PreferencePair:
+    """A dialog ending in a user turn, and the preferred and the other assistant answer to it."""
+
+    prompt: list[dict]
+    chosen: str
+    rejected: str
+    margin: float = 0.0
+
+
+@dataclass
+class PreferenceReport:
+    rows: int = 0
+    skipped: dict[str, int] = field(default_factory=dict)  # reason -> rows
+
+    def skip(self, reason: str) -> None:
+        self.skipped[reason] = self.skipped.get(reason, 0) + 1
+
+
+def read_pairs(path: str | Path, margins: str = "large") -> tuple[list[PreferencePair], PreferenceReport]:
+    """Every usable pair of a preference file, and what was skipped."""
+    if margins not in RATING_MARGINS:
+        raise DataError(f"margins={margins!r}; choose one of {', '.join(RATING_MARGINS)}")
+    report, pairs = PreferenceReport(), []
+    for index, row in enumerate(read_records(path)):
+        report.rows += 1
+        pair = _parse(row, f"{path}[{index}]", margins)
+        reason = _unusable(pair)
+        if reason:
+            report.skip(reason)
+        else:
+            pairs.append(pair)
+    if not pairs:
+        raise DataError(f"{path}: no usable preference pair among {report.rows} rows (skipped: {report.skipped})")
+    return pairs, report
+
+
+def _parse(row: dict, where: str, margins: str) -> PreferencePair | str:
+    """The row as a pair, or the reason it cannot be used; DataError for a row of the wrong shape."""
+    chosen, rejected = row.get("chosen"), row.get("rejected")
+    if isinstance(chosen, str) and isinstance(rejected, str) and "prompt" not in row and "messages" not in row:
+        return _parse_transcripts(chosen, rejected, where)
+    if isinstance(chosen, list) and isinstance(rejected, list):
+        return _parse_conversations(row, where)
+    if not (isinstance(chosen, str) and isinstance(rejected, str)):
+        raise DataError(f"{where}: 'chosen' and 'rejected' must both be strings or both message lists; got "
+                        f"{type(chosen).__name__} and {type(rejected).__name__}")
+    prompt = row.get("messages", row.get("prompt"))
+    if isinstance(prompt, str):
+        prompt = [{"role": "user", "content": prompt}]
+    _check_messages(prompt, where, "the prompt")
+    return PreferencePair(prompt, chosen, rejected, _margin(row, where, margins))
+
+
+def _parse_transcripts(chosen: str, rejected: str, where: str) -> PreferencePair | str:
+    """HH-RLHF: two whole transcripts that differ in their last assistant turn."""
+    c, r = _hh_turns(chosen, where), _hh_turns(rejected, where)
+    if c[-1]["role"] != "assistant" or r[-1]["role"] != "assistant":
+        raise DataError(f"{where}: a transcript does not end with an 'Assistant:' turn")
+    if c[:-1] != r[:-1]:
+        return "the answers follow different prompts"
+    return PreferencePair(c[:-1], c[-1]["content"], r[-1]["content"])
+
+
+def _hh_turns(text: str, where: str) -> list[dict]:
+    parts = HH_TURN.split(text)
+    if parts[0].strip() or len(parts) < 3:
+        raise DataError(f"{where}: not an HH-RLHF transcript (\"\\n\\nHuman: ...\\n\\nAssistant: ...\")")
+    return [{"role": HH_ROLES[role], "content": content} for role, content in zip(parts[1::2], parts[2::2])]
+
+
+def _parse_conversations(row: dict, where: str) -> PreferencePair | str:
+    """trl's conversational form: message lists, the prompt either in front of both or in "prompt"."""
+    prompt, chosen, rejected = row.get("prompt", []), row["chosen"], row["rejected"]
+    for name, messages in (("prompt", prompt), ("chosen", chosen), ("rejected", rejected)):
+        _check_messages(messages, where, f"'{name}'", allow_empty=name == "prompt")
+    if chosen[-1]["role"] != "assistant" or rejected[-1]["role"] != "assistant":
+        raise DataError(f"{where}: 'chosen' and 'rejected' must end with an assistant message")
+    if prompt + chosen[:-1] != prompt + rejected[:-1]:
+        return "the answers follow different prompts"
+    return PreferencePair(prompt + chosen[:-1], chosen[-1]["content"], rejected[-1]["content"])
+
+
+def _check_messages(messages: object, where: str, what: str, allow_empty: bool = False) -> None:
+    if not isinstance(messages, list) or (not messages and not allow_empty) or not all(
+            isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+            for m in messages):
+        raise DataError(f"{where}: {what} must be a list of {{\"role\": ..., \"content\": ...}} messages")
+
+
+def _margin(row: dict, where: str, margins: str) -> float:
+    if "margin" in row:
+        if isinstance(row["margin"], bool) or not isinstance(row["margin"], int | float):
+            raise DataError(f"{where}: 'margin' must be a number, got {row['margin']!r}")
+        return float(row["margin"])
+    rating = row.get("rating")
+    if rating is None:
+        return 0.0
+    table = RATING_MARGINS[margins]
+    if not isinstance(rating, str) or rating.strip().lower() not in table:
+        raise DataError(f"{where}: 'rating' {rating!r} is not one of {', '.join(table)}")
+    return table[rating.strip().lower()]
+
+
+def _unusable(pair: PreferencePair | str) -> str | None:
+    if isinstance(pair, str):
+        return pair
+    if not pair.chosen.strip() or not pair.rejected.strip():
+        return "an answer is empty"
+    if pair.chosen.strip() == pair.rejected.strip():
+        return "the answers are the same"
+    if not pair.prompt or pair.prompt[-1]["role"] != "user":
+        return "the prompt does not end with a user turn"
+    return None
+
+
+@dataclass
+class EncodedPair:
+    """Token ids: the prompt (its chat format's header for the answer included), then each answer with its end."""
+
+    prompt: list[int]
+    chosen: list[int]
+    rejected: list[int]
+    margin: float
+    truncated: bool  # the prompt lost its oldest tokens, or an answer its last ones
+
+
+def encode_pair(tokenizer: Tokenizer, pair: PreferencePair, style: str | None, max_len: int) -> EncodedPair:
+    """Encode in the model's chat format and fit prompt + each answer into max_len ids: an answer keeps its first
+    tokens (at least half of max_len when the prompt is long), the prompt its last."""
+    try:
+        prompt, chosen = _prompt_and_answer(tokenizer, pair.prompt, pair.chosen, style)
+        prompt_r, rejected = _prompt_and_answer(tokenizer, pair.prompt, pair.rejected, style)
+    except ChatFormatError as e:
+        raise DataError(f"a preference prompt cannot be encoded: {e}") from None
+    if prompt_r != prompt:  # tokenisation merged the prompt's end into an answer differently: split where they agree
+        cut = next((i for i, (a, b) in enumerate(zip(prompt + chosen, prompt_r + rejected)) if a != b), len(prompt))
+        cut = min(cut, len(prompt), len(prompt_r))
+        chosen, rejected, prompt = (prompt + chosen)[cut:], (prompt_r + rejected)[cut:], prompt[:cut]
+    longest = max(len(chosen), len(rejected))
+    answer_room = max(max_len - len(prompt), max_len // 2)
+    truncated = len(prompt) + longest > max_len
+    chosen, rejected = chosen[:answer_room], rejected[:answer_room]
+    keep = max_len - max(len(chosen), len(rejected))
+    return EncodedPair(prompt[len(prompt) - keep:] if keep < len(prompt) else prompt, chosen, rejected, pair.margin,
+                       truncated)
+
+
+def _prompt_and_answer(tokenizer: Tokenizer, prompt: list[dict], answer: str, style: str | None
+                       ) -> tuple[list[int], list[int]]:
+    """The dialog's ids before the answer, and the answer's ids with the id that ends it."""
+    exchanges = encode_exchanges(tokenizer, [*prompt, {"role": "assistant", "content": answer}], style)
+    before = [i for p, a in exchanges[:-1] for i in p + a] + exchanges[-1][0]
+    return before, exchanges[-1][1]
