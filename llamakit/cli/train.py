@@ -1,4 +1,4 @@
-"""`llamakit pretrain`, `finetune` and `merge`: train a model from a YAML config; fold an adapter into its base."""
+"""`llamakit pretrain`, `finetune`, `dpo` and `merge`: train a model from a YAML config; fold an adapter into its base."""
 
 from __future__ import annotations
 
@@ -34,6 +34,17 @@ def finetune(args: argparse.Namespace) -> None:
               f"--adapter {final} --output {out / 'merged'}")
     else:
         print(f"final model: {final}\n{_outputs(out)}\ntry: llamakit chat --checkpoint {final}")
+
+
+def dpo(args: argparse.Namespace) -> None:
+    """Align a model with preference pairs by DPO (full or LoRA) from a YAML config; --resume continues exactly."""
+    from llamakit.train.dpo import DPORunConfig
+    from llamakit.train.dpo import dpo as run
+
+    final, out = _train(args, DPORunConfig, run)
+    if final is not None:
+        kind = "adapter" if (final / "adapter_config.json").is_file() else "final model"
+        print(f"{kind}: {final}\n{_outputs(out)}")
 
 
 def _train(args: argparse.Namespace, kind: type, run):
@@ -88,6 +99,10 @@ def add_pretrain(p: argparse.ArgumentParser) -> None:
 
 def add_finetune(p: argparse.ArgumentParser) -> None:
     _add_run_config(p, "configs/finetune/tiny-lora.yaml")
+
+
+def add_dpo(p: argparse.ArgumentParser) -> None:
+    _add_run_config(p, "configs/dpo/tiny-dpo.yaml")
 
 
 def add_merge(p: argparse.ArgumentParser) -> None:

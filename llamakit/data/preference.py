@@ -12,15 +12,20 @@ prompts (a handful in HH-RLHF) is skipped and counted.
 
 from __future__ import annotations
 
+import logging
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
+
+from llamakit.data.sft_examples import IGNORE_INDEX
 from llamakit.data.sft_records import read_records
 from llamakit.errors import DataError
 from llamakit.tokenizer.base import Tokenizer
 from llamakit.tokenizer.chat import ChatFormatError, encode_exchanges
 
+logger = logging.getLogger(__name__)
 # Llama 2 §3.2.2 (Table 28): the margin m(r) for each preference rating, small and large variants.
 RATING_MARGINS = {
     "small": {"significantly better": 1.0, "better": 2 / 3, "slightly better": 1 / 3, "negligibly better": 0.0,
@@ -186,3 +191,63 @@ def _prompt_and_answer(tokenizer: Tokenizer, prompt: list[dict], answer: str, st
     exchanges = encode_exchanges(tokenizer, [*prompt, {"role": "assistant", "content": answer}], style)
     before = [i for p, a in exchanges[:-1] for i in p + a] + exchanges[-1][0]
     return before, exchanges[-1][1]
+
+
+@dataclass
+class PreferenceDataConfig:
+    """Where the preference pairs are and how to turn them into training sequences."""
+
+    path: str = "data/preferences.jsonl"  # .json / .jsonl(.gz) / .parquet, in any of the forms above
+    chat_format: str | None = None  # llama2 | llama3 | alpaca | None: the base model's, else the tokenizer's
+    seq_len: int = 512  # prompt + answer ids of each sequence, at most
+    margins: str = "large"  # Llama 2's rating -> margin table: small or large
+    val_fraction: float = 0.05  # the last pairs (at least one) when val_path is None
+    val_path: str | None = None
+    max_examples: int | None = None  # only the first N usable pairs of each file
+
+
+class PreferenceExamples:
+    """Encoded pairs for the loop: a batch of P pairs is 2P rows, the chosen answers first (Samples protocol)."""
+
+    def __init__(self, pairs: list[EncodedPair], pad_id: int):
+        self.pairs, self.pad_id = pairs, pad_id
+        self.num_samples = len(pairs)
+        self.ref_logps: torch.Tensor | None = None  # (N, 2): the reference's log p(chosen), log p(rejected)
+
+    def batch(self, indices) -> dict[str, torch.Tensor]:
+        picked = [self.pairs[i] for i in indices]
+        rows = [(p.prompt, p.chosen) for p in picked] + [(p.prompt, p.rejected) for p in picked]
+        T = max(len(prompt) + len(answer) for prompt, answer in rows) - 1
+        input_ids = torch.full((len(rows), T), self.pad_id, dtype=torch.long)
+        labels = torch.full((len(rows), T), IGNORE_INDEX, dtype=torch.long)
+        for r, (prompt, answer) in enumerate(rows):
+            ids = torch.tensor(prompt + answer)
+            input_ids[r, :len(ids) - 1] = ids[:-1]
+            labels[r, len(prompt) - 1:len(ids) - 1] = ids[len(prompt):]  # the answer's tokens are the targets
+        batch = {"input_ids": input_ids, "labels": labels}  # (2P, T) each
+        if self.ref_logps is not None:
+            ref = self.ref_logps[list(indices)]  # (P, 2)
+            batch["ref_logps"] = torch.cat([ref[:, 0], ref[:, 1]])  # (2P,)
+        return batch
+
+
+def load_preferences(cfg: PreferenceDataConfig, tokenizer: Tokenizer, style: str | None
+                     ) -> tuple[PreferenceExamples, PreferenceExamples, dict]:
+    """Train and validation pairs, encoded, and a report of what was read, skipped and truncated."""
+    pairs, report = read_pairs(cfg.path, cfg.margins)
+    pairs = pairs[:cfg.max_examples]
+    if cfg.val_path is not None:
+        val_pairs, _ = read_pairs(cfg.val_path, cfg.margins)
+        val_pairs = val_pairs[:cfg.max_examples]
+    else:
+        if len(pairs) < 2:
+            raise DataError(f"{cfg.path}: {len(pairs)} usable pair(s); a validation split needs at least 2, or "
+                            "give data.val_path")
+        n_val = max(1, round(len(pairs) * cfg.val_fraction))
+        pairs, val_pairs = pairs[:-n_val], pairs[-n_val:]
+    train = [encode_pair(tokenizer, p, style, cfg.seq_len + 1) for p in pairs]
+    val = [encode_pair(tokenizer, p, style, cfg.seq_len + 1) for p in val_pairs]
+    summary = {"rows": report.rows, "skipped": report.skipped, "train_pairs": len(train), "val_pairs": len(val),
+               "truncated": sum(e.truncated for e in train + val)}
+    logger.info("preference data: %s", summary)
+    return PreferenceExamples(train, tokenizer.pad_id), PreferenceExamples(val, tokenizer.pad_id), summary
