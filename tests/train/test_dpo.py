@@ -60,3 +60,20 @@ def test_a_killed_run_resumes_with_the_stored_reference_and_identical_losses(ass
     assert (broken / REFERENCE_FILE).stat().st_mtime_ns == made  # read back, not computed again
     assert _metrics(broken, "loss") == _metrics(whole, "loss")
     assert _metrics(broken, "val_loss") == _metrics(whole, "val_loss")
+
+
+def test_two_processes_give_the_losses_of_one(assets, tmp_path):
+    hh = assets / "preference" / "hh-rlhf_harmless-base_test.jsonl.gz"
+    args = ["--train.max_steps", "4", "--eval.every", "2", "--eval.batches", "1", "--checkpoint.every", "0",
+            "--train.micro_batch_size", "4"]
+    one, two = tmp_path / "one", tmp_path / "two"
+    subprocess.run([sys.executable, "-m", "llamakit", "dpo", CONFIG, *_args(assets, one, hh, *args)], env=ENV,
+                   check=True, capture_output=True)
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29536",
+                "-m", "llamakit", "dpo", CONFIG, *_args(assets, two, hh, *args)]
+    done = subprocess.run(torchrun, env=ENV, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    for key in ("loss", "val_loss", "reward_margin"):
+        a, b = _metrics(one, key), _metrics(two, key)
+        assert a.keys() == b.keys() and all(abs(a[s] - b[s]) < 1e-5 * max(1, abs(a[s])) for s in a), (key, a, b)
+    assert (two / "final" / "adapter_model.safetensors").is_file() and (two / REFERENCE_FILE).is_file()
