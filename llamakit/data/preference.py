@@ -204,13 +204,16 @@ class PreferenceDataConfig:
     val_fraction: float = 0.05  # the last pairs (at least one) when val_path is None
     val_path: str | None = None
     max_examples: int | None = None  # only the first N usable pairs of each file
+    # Llama 3's DPO: formatting tokens are not scored. The answer's header is already prompt; this drops the id
+    # that ends the answer (eos, or <|eot_id|>) from the log-probabilities too.
+    mask_end: bool = False
 
 
 class PreferenceExamples:
     """Encoded pairs for the loop: a batch of P pairs is 2P rows, the chosen answers first (Samples protocol)."""
 
-    def __init__(self, pairs: list[EncodedPair], pad_id: int):
-        self.pairs, self.pad_id = pairs, pad_id
+    def __init__(self, pairs: list[EncodedPair], pad_id: int, mask_end: bool = False):
+        self.pairs, self.pad_id, self.mask_end = pairs, pad_id, mask_end
         self.num_samples = len(pairs)
         self.ref_logps: torch.Tensor | None = None  # (N, 2): the reference's log p(chosen), log p(rejected)
 
@@ -224,6 +227,8 @@ class PreferenceExamples:
             ids = torch.tensor(prompt + answer)
             input_ids[r, :len(ids) - 1] = ids[:-1]
             labels[r, len(prompt) - 1:len(ids) - 1] = ids[len(prompt):]  # the answer's tokens are the targets
+            if self.mask_end and len(answer) > 1:
+                labels[r, len(ids) - 2] = IGNORE_INDEX
         batch = {"input_ids": input_ids, "labels": labels}  # (2P, T) each
         if self.ref_logps is not None:
             ref = self.ref_logps[list(indices)]  # (P, 2)
@@ -250,4 +255,5 @@ def load_preferences(cfg: PreferenceDataConfig, tokenizer: Tokenizer, style: str
     summary = {"rows": report.rows, "skipped": report.skipped, "train_pairs": len(train), "val_pairs": len(val),
                "truncated": sum(e.truncated for e in train + val)}
     logger.info("preference data: %s", summary)
-    return PreferenceExamples(train, tokenizer.pad_id), PreferenceExamples(val, tokenizer.pad_id), summary
+    return (PreferenceExamples(train, tokenizer.pad_id, cfg.mask_end), PreferenceExamples(val, tokenizer.pad_id, cfg.mask_end),
+            summary)

@@ -79,3 +79,17 @@ def test_truncation_keeps_the_prompt_end_and_the_answer_start(llama2_tok):
     assert llama2_tok.decode(encoded.prompt).endswith("last question? [/INST]")
     assert llama2_tok.decode(encoded.chosen).startswith("yes yes") and len(encoded.chosen) == 20
     assert encoded.rejected and len(encoded.prompt) + len(encoded.rejected) <= 40
+
+
+def test_batches_score_the_answers_only_and_mask_end_drops_the_end_token(llama2_tok):
+    from llamakit.data.preference import PreferenceExamples
+    from llamakit.train.batches import IGNORE_INDEX
+
+    pair = encode_pair(llama2_tok, PreferencePair([{"role": "user", "content": "Hi?"}], "Hello there!", "No."),
+                       "llama2", max_len=64)
+    plain = PreferenceExamples([pair], llama2_tok.pad_id).batch([0])
+    assert plain["input_ids"].shape == plain["labels"].shape == (2, len(pair.prompt) + len(pair.chosen) - 1)
+    scored = [row[row != IGNORE_INDEX].tolist() for row in plain["labels"]]
+    assert scored == [pair.chosen, pair.rejected]  # chosen first, each answer's own ids, its end included
+    masked = PreferenceExamples([pair], llama2_tok.pad_id, mask_end=True).batch([0])["labels"]
+    assert [row[row != IGNORE_INDEX].tolist() for row in masked] == [pair.chosen[:-1], pair.rejected[:-1]]
