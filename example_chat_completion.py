@@ -29,9 +29,10 @@ DIALOGS = [
 
 
 def main(ckpt_dir: str, tokenizer_path: str | None, temperature: float = 0.6, top_p: float = 0.9,
-         max_seq_len: int = 512, max_batch_size: int = 8, max_gen_len: int | None = None) -> None:
+         max_seq_len: int = 512, max_batch_size: int = 8, max_gen_len: int | None = None,
+         quantize: str | None = None, group_size: int | None = None) -> None:
     generator = Llama.build(ckpt_dir=ckpt_dir, tokenizer_path=tokenizer_path, max_seq_len=max_seq_len,
-                            max_batch_size=max_batch_size)
+                            max_batch_size=max_batch_size, quantize=quantize, group_size=group_size)
     results = []
     for start in range(0, len(DIALOGS), max_batch_size):  # a batch holds at most max_batch_size dialogs
         batch = DIALOGS[start:start + max_batch_size]
@@ -53,6 +54,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--max_seq_len", type=int, default=512, help="longest dialog + reply, in tokens")
     p.add_argument("--max_batch_size", type=int, default=8, help="most dialogs run together")
     p.add_argument("--max_gen_len", type=int, default=None, help="most new tokens per reply (default: fill max_seq_len)")
+    p.add_argument("--quantize", choices=["int8", "int4"], help="quantize the weights while loading (CPU)")
+    p.add_argument("--group_size", type=int, help="int4 group size: 32 (default), 64, 128 or 256")
     return p.parse_args()
 
 

@@ -18,9 +18,10 @@ PROMPTS = [
 
 
 def main(ckpt_dir: str, tokenizer_path: str | None, temperature: float = 0.6, top_p: float = 0.9,
-         max_seq_len: int = 128, max_gen_len: int = 64, max_batch_size: int = 4) -> None:
+         max_seq_len: int = 128, max_gen_len: int = 64, max_batch_size: int = 4, quantize: str | None = None,
+         group_size: int | None = None) -> None:
     generator = Llama.build(ckpt_dir=ckpt_dir, tokenizer_path=tokenizer_path, max_seq_len=max_seq_len,
-                            max_batch_size=max_batch_size)
+                            max_batch_size=max_batch_size, quantize=quantize, group_size=group_size)
     results = []
     for start in range(0, len(PROMPTS), max_batch_size):  # a batch holds at most max_batch_size prompts
         batch = PROMPTS[start:start + max_batch_size]
@@ -41,6 +42,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--max_seq_len", type=int, default=128, help="longest prompt + completion, in tokens")
     p.add_argument("--max_gen_len", type=int, default=64, help="most new tokens per prompt")
     p.add_argument("--max_batch_size", type=int, default=4, help="most prompts run together")
+    p.add_argument("--quantize", choices=["int8", "int4"], help="quantize the weights while loading (CPU)")
+    p.add_argument("--group_size", type=int, help="int4 group size: 32 (default), 64, 128 or 256")
     return p.parse_args()
 
 

@@ -96,13 +96,18 @@ def load_model(path: str | Path, dtype: torch.dtype | str | None = None, device:
     """A Transformer in eval mode with the checkpoint's weights (dtype None keeps the stored dtype).
 
     The transforms the checkpoint records, then `transforms`, swap modules while the model is on the meta device;
-    the tensors they own are checked against their shapes and keep their own dtype.
+    each of `transforms` also converts the stored tensors (e.g. quantizes them, one at a time). The tensors the
+    transforms own are checked against their shapes and keep their own dtype.
     """
     path = Path(path)
     config, state = read_checkpoint(path)
     with torch.device("meta"):
         model = Transformer(config)  # no memory: the loaded tensors become the parameters (assign=True)
-        model = apply_transforms(model, [*_recorded_transforms(path), *transforms])
+        model = apply_transforms(model, _recorded_transforms(path))  # the stored tensors are already theirs
+    for transform in transforms:
+        with torch.device("meta"):
+            model = apply_transforms(model, [transform])
+        state = transform.convert(model, state)
     check_state_dict({k: v.shape for k, v in model.state_dict().items()}, state, path)
     owned = owned_dtypes(model)
     dtype = resolve_dtype(dtype) or state["embed_tokens.weight"].dtype
@@ -129,19 +134,20 @@ def find_tokenizer(path: str | Path) -> Path | None:
 
 
 def load_checkpoint(path: str | Path, tokenizer: str | Path | None = None, dtype=None,
-                    device: torch.device | str = "cpu", adapter: str | Path | None = None
-                    ) -> tuple[Transformer, Tokenizer]:
-    """Model (with a fine-tuned adapter applied, if given) and tokenizer (given, or found beside the
-    weights), checked to share a vocabulary."""
+                    device: torch.device | str = "cpu", adapter: str | Path | None = None,
+                    transforms: Sequence[Transform] = ()) -> tuple[Transformer, Tokenizer]:
+    """Model (with a fine-tuned adapter applied, if given, then the transforms) and tokenizer (given, or found
+    beside the weights), checked to share a vocabulary."""
     config = load_config(path)  # first: a wrong path is reported as such, not as a missing tokenizer
     tokenizer_path = tokenizer or find_tokenizer(path)
     if tokenizer_path is None:
         raise CheckpointError(f"{path}: no tokenizer.model beside the weights; pass the tokenizer file explicitly")
     tok = load_tokenizer(tokenizer_path)
     check_vocab(tok, config.vocab_size, str(path))
-    model = load_model(path, dtype=dtype, device=device)
-    if adapter is not None:
+    model = load_model(path, dtype=dtype, device=device, transforms=() if adapter else transforms)
+    if adapter is not None:  # then the transforms swap the adapted model's layers: LoRA wraps plain projections
         load_adapter(model, adapter)
+        model = apply_transforms(model, transforms)
     return model, tok
 
 

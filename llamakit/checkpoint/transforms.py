@@ -3,55 +3,22 @@
 A transform (quantization, a parallel layer, ...) replaces some of a model's modules with its own; the tensors
 it owns keep the dtype and shape it gives them, not the model's. A model saved after a transform records it in
 config.json (`"llamakit": {"transforms": [{"name": ..., settings}]}`), and load_model applies it again by name.
+The protocol itself (Transform, register, apply_transforms) is in model/transforms.py, so that model code such as
+model/quantize.py can define transforms; it is re-exported here.
 """
 
 from __future__ import annotations
 
-import dataclasses
-from collections.abc import Sequence
 from pathlib import Path
-from typing import ClassVar
 
 import torch
 
+import llamakit.model.quantize  # noqa: F401 (registers int8 and int4, which checkpoints record)
 from llamakit.errors import CheckpointError
 from llamakit.model.llama import Transformer
+from llamakit.model.transforms import TRANSFORMS, Transform, applied, apply_transforms, register
 
-TRANSFORMS: dict[str, type[Transform]] = {}  # name -> class, for the transforms a checkpoint records
-
-
-class Transform:
-    """A module swap. __call__ swaps modules of a model (on the meta device, or with real weights) and returns it;
-    owned() names the state entries it made, each with the dtype it keeps. Settings are dataclass fields."""
-
-    name: ClassVar[str]
-
-    def __call__(self, model: Transformer) -> Transformer:
-        raise NotImplementedError
-
-    def owned(self, model: Transformer) -> dict[str, torch.dtype]:
-        return {}
-
-    def to_dict(self) -> dict:
-        return {"name": self.name, **(dataclasses.asdict(self) if dataclasses.is_dataclass(self) else {})}
-
-
-def register(cls: type[Transform]) -> type[Transform]:
-    """Class decorator: a checkpoint that records this transform's name can be loaded."""
-    TRANSFORMS[cls.name] = cls
-    return cls
-
-
-def apply_transforms(model: Transformer, transforms: Sequence[Transform]) -> Transformer:
-    """Apply each transform in order; the model remembers them, so that save_model records them."""
-    for transform in transforms:
-        model = transform(model)
-    model.applied_transforms = [*applied(model), *transforms]
-    return model
-
-
-def applied(model: Transformer) -> list[Transform]:
-    return list(getattr(model, "applied_transforms", []))
+__all__ = ["TRANSFORMS", "Transform", "applied", "apply_transforms", "from_records", "owned_dtypes", "register"]
 
 
 def owned_dtypes(model: Transformer) -> dict[str, torch.dtype]:

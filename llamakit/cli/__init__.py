@@ -6,7 +6,16 @@ import argparse
 import logging
 import sys
 
-from llamakit.cli.checkpoints import add_convert, add_download, add_info, convert, download, info
+from llamakit.cli.checkpoints import (
+    add_convert,
+    add_download,
+    add_info,
+    add_quantize,
+    convert,
+    download,
+    info,
+    quantize,
+)
 from llamakit.cli.data import add_prepare, add_tokenizer, prepare, tokenizer_tools
 from llamakit.cli.evaluate import add_eval, evaluate
 from llamakit.cli.inference import add_chat, add_generate, chat, generate
@@ -21,6 +30,7 @@ COMMANDS = {  # name: (add arguments, run)
     "chat": (add_chat, chat),
     "download": (add_download, download),
     "convert": (add_convert, convert),
+    "quantize": (add_quantize, quantize),
     "info": (add_info, info),
     "prepare": (add_prepare, prepare),
     "tokenizer": (add_tokenizer, tokenizer_tools),

@@ -1,4 +1,4 @@
-"""`llamakit download`, `convert` and `info`: fetch, convert and describe checkpoints."""
+"""`llamakit download`, `convert`, `quantize` and `info`: fetch, convert, quantize and describe checkpoints."""
 
 from __future__ import annotations
 
@@ -35,6 +35,28 @@ def convert(args: argparse.Namespace) -> None:
                max_shard_bytes=args.max_shard_size, overwrite=args.force)
     note = "" if tokenizer else " without a tokenizer (none found beside the source, or the format holds none)"
     print(f"wrote {args.to} checkpoint to {args.dst}{note}")
+
+
+def quantize(args: argparse.Namespace) -> None:
+    """Quantize a checkpoint's linear layers to int8 or int4 into a llamakit folder that loads quantized."""
+    from llamakit.checkpoint import find_tokenizer, load_model, save_model
+    from llamakit.checkpoint.io import check_separate
+    from llamakit.model.quantize import quantization
+    from llamakit.model.transforms import applied
+
+    if args.group_size is not None and args.to != "int4":
+        raise LlamakitError("--group-size applies to --to int4 only")
+    transforms = quantization(args.to, args.group_size)
+    check_separate(args.src, args.dst)
+    tokenizer = args.tokenizer or find_tokenizer(args.src)
+    model = load_model(args.src, dtype=args.dtype, transforms=transforms)  # quantized one matrix at a time
+    if len(applied(model)) > len(transforms):
+        raise LlamakitError(f"{args.src} is already transformed ({', '.join(t.name for t in applied(model))}); "
+                            "quantize the original weights instead")
+    save_model(model, args.dst, tokenizer=tokenizer, overwrite=args.force)
+    size = sum(f.stat().st_size for f in Path(args.dst).glob("*.safetensors"))
+    kind = args.to + (f" (groups of {transforms[0].group_size})" if args.to == "int4" else "")
+    print(f"wrote an {kind} checkpoint to {args.dst} ({size / 2**20:.1f} MiB of weights)")
 
 
 def info(args: argparse.Namespace) -> None:
@@ -77,6 +99,19 @@ def add_convert(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], help="convert weights (default: keep as stored)")
     p.add_argument("--tokenizer", help="tokenizer file to copy beside the weights (default: the source's)")
     p.add_argument("--max-shard-size", type=byte_size, default="5GB", help="largest safetensors file, e.g. 2GB")
+    p.add_argument("--force", action="store_true", help="replace dst if it exists (atomically)")
+
+
+def add_quantize(p: argparse.ArgumentParser) -> None:
+    p.add_argument("src", help="checkpoint to read: a Hugging Face/llamakit/Meta folder or a llama2.c .bin file")
+    p.add_argument("dst", help="output folder (llamakit format); must not exist unless --force")
+    p.add_argument("--to", required=True, choices=["int8", "int4"],
+                   help="int8: per output channel, symmetric; int4: groups of --group-size columns, with zero points")
+    p.add_argument("--group-size", type=int, choices=[32, 64, 128, 256],
+                   help="input columns sharing an int4 scale and zero point (default 32; larger: smaller, less exact)")
+    p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"],
+                   help="dtype of what stays unquantized: the embedding and norms (default: as stored)")
+    p.add_argument("--tokenizer", help="tokenizer file to copy beside the weights (default: the source's)")
     p.add_argument("--force", action="store_true", help="replace dst if it exists (atomically)")
 
 

@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 
 from llamakit.cli.argtypes import context_window, positive_int
-from llamakit.cli.inference import add_model_options
+from llamakit.cli.inference import add_model_options, quantization
 from llamakit.errors import LlamakitError
 
 
@@ -68,20 +68,24 @@ def _task_paths(args: argparse.Namespace) -> dict[str, Path]:
 
 
 def _load(args: argparse.Namespace):
-    """Model and tokenizer on the chosen device, and the facts that identify them (paths, sha256, dtype)."""
+    """Model and tokenizer on the chosen device, and the facts that identify them (paths, sha256, dtype,
+    quantization)."""
     from llamakit import __version__
     from llamakit.checkpoint import find_tokenizer, load_checkpoint
     from llamakit.eval.readers import sha256_of
+    from llamakit.model.transforms import applied
     from llamakit.runtime import default_dtype, resolve_device
 
     device = resolve_device(args.device, "--device")
     dtype = args.dtype or default_dtype(device)
-    model, tokenizer = load_checkpoint(args.checkpoint, args.tokenizer, dtype, device, adapter=args.adapter)
+    model, tokenizer = load_checkpoint(args.checkpoint, args.tokenizer, dtype, device, adapter=args.adapter,
+                                       transforms=quantization(args, device))
     checkpoint = Path(args.checkpoint)
     files = [p for p in checkpoint.iterdir() if p.is_file()] if checkpoint.is_dir() else [checkpoint]
     loaded = {"llamakit_version": __version__, "checkpoint": str(checkpoint), "checkpoint_sha256": sha256_of(files),
               "tokenizer": str(tokenizer.path), "tokenizer_sha256": sha256_of([Path(tokenizer.path)]),
               "adapter": args.adapter, "device": str(device), "dtype": str(model.embed_tokens.weight.dtype),
+              "transforms": [t.to_dict() for t in applied(model)],  # quantization, given or recorded
               "tokenizer_found_beside_checkpoint": args.tokenizer is None and find_tokenizer(checkpoint) is not None}
     return model, tokenizer, loaded
 

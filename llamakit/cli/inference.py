@@ -138,10 +138,19 @@ def _load_for_generation(args: argparse.Namespace):
                             repetition_penalty=args.repetition_penalty)
     device = resolve_device(args.device, "--device")
     model, tokenizer = load_checkpoint(args.checkpoint, args.tokenizer, args.dtype or default_dtype(device), device,
-                                       adapter=args.adapter)
+                                       adapter=args.adapter, transforms=quantization(args, device))
     generator = torch.Generator(device)
     generator.manual_seed(args.seed) if args.seed is not None else generator.seed()
     return prepare_for_decoding(model), tokenizer, params, generator
+
+
+def quantization(args: argparse.Namespace, device) -> list:
+    """The load transforms that --quantize and --group-size ask for (none without --quantize)."""
+    from llamakit.model.quantize import quantization as transforms
+
+    if args.group_size is not None and args.quantize != "int4":
+        raise LlamakitError("--group-size applies to --quantize int4 only")
+    return transforms(args.quantize, args.group_size, device)
 
 
 def _max_seq_len(args: argparse.Namespace, model) -> int:
@@ -164,6 +173,10 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--adapter", help="a fine-tuned LoRA/prefix/prompt adapter folder (PEFT format) to apply on top")
     p.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda when present, else cpu)")
     p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], help="default: bf16 on GPUs, fp32 on CPU")
+    p.add_argument("--quantize", choices=["int8", "int4"], help="weight-only quantization of every linear layer and "
+                   "the output head while loading (CPU): int8 per output channel, int4 in groups of --group-size")
+    p.add_argument("--group-size", type=int, choices=[32, 64, 128, 256],
+                   help="input columns sharing an int4 scale and zero point (default 32; larger: smaller, less exact)")
     p.add_argument("--max-seq-len", type=positive_int,
                    help=f"context window for prompt + reply (default: the model's, at most {DEFAULT_MAX_SEQ_LEN})")
     p.add_argument("--extend-context", action="store_true",

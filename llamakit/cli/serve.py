@@ -8,17 +8,19 @@ import socket
 from pathlib import Path
 
 from llamakit.cli.argtypes import byte_size, context_window, positive_int, random_seed
-from llamakit.cli.inference import DEFAULT_MAX_SEQ_LEN, add_model_options
+from llamakit.cli.inference import DEFAULT_MAX_SEQ_LEN, add_model_options, quantization
 from llamakit.errors import LlamakitError
 
 
 def serve(args: argparse.Namespace) -> None:
     """Serve a model over OpenAI's HTTP API (/v1/completions, /v1/chat/completions) with a chat page at /."""
     from llamakit.checkpoint import load_config
+    from llamakit.runtime import resolve_device
     from llamakit.serve.server import ServeConfig
     from llamakit.serve.server import serve as run
 
     trained = load_config(args.checkpoint).max_seq_len  # a bad checkpoint fails now, before the port opens
+    quantization(args, resolve_device(args.device, "--device"))  # and so do bad --quantize settings
     window = context_window(args.max_seq_len, trained, "--max-seq-len", args.extend_context,
                             default=min(trained, DEFAULT_MAX_SEQ_LEN))
     _check_port(args.host, args.port)
@@ -37,7 +39,7 @@ def _load(args: argparse.Namespace, window: int):
 
     device = resolve_device(args.device, "--device")
     model, tokenizer = load_checkpoint(args.checkpoint, args.tokenizer, args.dtype or default_dtype(device), device,
-                                       adapter=args.adapter)
+                                       adapter=args.adapter, transforms=quantization(args, device))
     return prepare_for_decoding(model), tokenizer, window, chat_style(model, tokenizer, args.chat_format)
 
 

@@ -19,6 +19,7 @@ from llamakit.generate.chat import chat_style
 from llamakit.generate.decode import Completion, check_context, check_prompts, generate, prepare_for_decoding
 from llamakit.generate.sampling import SamplingParams
 from llamakit.model import KVCache, Transformer, resolve_dtype
+from llamakit.model.quantize import quantization
 from llamakit.runtime import default_dtype, init_processes
 from llamakit.tokenizer import Tokenizer
 from llamakit.tokenizer.chat import UNSAFE_REPLY, Dialog, encode_dialog, has_special_tags, stop_ids_for
@@ -33,9 +34,11 @@ class Llama:
     def build(ckpt_dir: str | Path, tokenizer_path: str | Path | None, max_seq_len: int, max_batch_size: int,
               model_parallel_size: int | None = None, seed: int = 1, *, device: str | torch.device | None = None,
               dtype: str | torch.dtype | None = None, chat_format: str | None = None,
-              adapter_path: str | Path | None = None, extend_context: bool = False) -> Llama:
+              adapter_path: str | Path | None = None, extend_context: bool = False, quantize: str | None = None,
+              group_size: int | None = None) -> Llama:
         """Load any checkpoint (Meta, Hugging Face, llama2.c, llamakit); tokenizer_path None uses the one beside it;
-        adapter_path applies a fine-tuned LoRA/prefix/prompt adapter (PEFT format) on top. max_seq_len beyond the
+        adapter_path applies a fine-tuned LoRA/prefix/prompt adapter (PEFT format) on top; quantize "int8" or
+        "int4" (in groups of group_size) quantizes the linear layers while loading (CPU). max_seq_len beyond the
         model's own is refused unless extend_context (then a warning)."""
         if max_seq_len < 2 or max_batch_size < 1:
             raise LlamakitError(f"max_seq_len={max_seq_len} and max_batch_size={max_batch_size} must be at least "
@@ -48,8 +51,9 @@ class Llama:
         device = procs.device
         check_context(max_seq_len, load_config(ckpt_dir).max_seq_len, f"max_seq_len={max_seq_len}",
                       "pass extend_context=True", extend_context)  # before the weights load: that can take minutes
+        transforms = quantization(quantize, group_size, device)
         model, tokenizer = load_checkpoint(ckpt_dir, tokenizer_path, resolve_dtype(dtype) or default_dtype(device),
-                                           device, adapter=adapter_path)
+                                           device, adapter=adapter_path, transforms=transforms)
         return Llama(model, tokenizer, max_seq_len, max_batch_size, seed, chat_format)
 
     def __init__(self, model: Transformer, tokenizer: Tokenizer, max_seq_len: int, max_batch_size: int,

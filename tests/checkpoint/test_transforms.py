@@ -98,6 +98,18 @@ def test_given_transforms_run_on_the_meta_model_and_cast_what_they_own(plain, tm
         load_model(tmp_path / "plain", transforms=[HalfMLP(transposed=True)])  # checked against the new shapes
 
 
+def test_a_given_transform_converts_the_stored_tensors_it_replaces(plain, tmp_path):
+    save_model(plain, tmp_path / "plain")
+
+    class Converting(HalfMLP):
+        def convert(self, model, state):  # the plain checkpoint stores (out, in); this layer holds (in, out)
+            return {k: v.t() if k in self.owned(model) else v for k, v in state.items()}
+
+    loaded = load_model(tmp_path / "plain", transforms=[Converting(transposed=True)])
+    assert loaded.layers[0].mlp.gate_proj.weight.shape == (32, 48)
+    torch.testing.assert_close(logits(loaded), logits(plain), rtol=1e-2, atol=1e-2)
+
+
 def test_an_unknown_transform_or_a_foreign_format_is_refused(plain, tmp_path):
     transformed = apply_transforms(copy.deepcopy(plain), [HalfMLP()])
     with pytest.raises(CheckpointError, match="transformed \\(test-half-mlp\\).*format 'llamakit'"):
