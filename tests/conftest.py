@@ -21,6 +21,18 @@ def assets() -> Path:
     return SHARED_ASSETS
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Torch on one thread for a module, like its subprocesses (OMP_NUM_THREADS=1): tiny models gain nothing from
+    more, and in-process results then match the subprocesses' bit for bit."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture
 def small_disk(tmp_path):
     """A real 16 KiB file system (tmpfs), too small for any checkpoint; skipped where mounting is not allowed."""

@@ -29,12 +29,7 @@ KINDS = [("int8", None), ("int4", 32), ("int4", 64), ("int4", 128)]
 PROMPT = "Once upon a time"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def dequantized(module: nn.Module) -> torch.Tensor:

@@ -10,6 +10,11 @@ from dataclasses import dataclass
 
 import pytest
 
+from llamakit import load_checkpoint
+from llamakit.generate import SamplingParams, generate, prepare_for_decoding, stream
+from llamakit.tokenizer.chat import encode_dialog, stop_ids_for
+
+GREEDY = SamplingParams(temperature=0)
 API_KEY = "test-key-123"
 MODEL = "stories"
 
@@ -87,3 +92,23 @@ def server(assets, tmp_path_factory):
 def client(server):
     openai = pytest.importorskip("openai")
     return openai.OpenAI(base_url=server.base_url, api_key=API_KEY, max_retries=0, timeout=60)
+
+
+@pytest.fixture(scope="module")
+def reference(assets, one_thread):
+    """The same model in this process, one thread like the server, for the expected outputs."""
+    model, tok = load_checkpoint(assets / "tinyllamas" / "stories260K.bin", assets / "tinyllamas" / "tok512.model")
+    return prepare_for_decoding(model), tok
+
+
+def expected_completion(reference, prompt: str, max_tokens: int, stop=()):
+    model, tok = reference
+    ids = tok.encode(prompt, bos=True)
+    return ids, generate(model, tok, [ids], max_tokens, GREEDY, stop_strings=stop)[0]
+
+
+def expected_chat(reference, messages, max_tokens: int):
+    model, tok = reference
+    ids = encode_dialog(tok, messages, "llama2")
+    pieces = stream(model, tok, ids, max_tokens, GREEDY, stop_ids=stop_ids_for(tok, "llama2"), follows_prompt=False)
+    return ids, "".join(pieces)

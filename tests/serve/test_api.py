@@ -7,36 +7,9 @@ import httpx
 import pytest
 import torch
 
-from llamakit import load_checkpoint
-from llamakit.generate import SamplingParams, generate, prepare_for_decoding, stream
-from llamakit.tokenizer.chat import encode_dialog, stop_ids_for
-from tests.serve.conftest import API_KEY, MODEL
+from tests.serve.conftest import API_KEY, MODEL, expected_chat, expected_completion
 
-GREEDY = SamplingParams(temperature=0)
 PROMPT = "Once upon a time, there was a little"
-
-
-@pytest.fixture(scope="module")
-def reference(assets):
-    """The same model in this process, one thread like the server, for the expected outputs."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    model, tok = load_checkpoint(assets / "tinyllamas" / "stories260K.bin", assets / "tinyllamas" / "tok512.model")
-    yield prepare_for_decoding(model), tok
-    torch.set_num_threads(before)
-
-
-def expected_completion(reference, prompt: str, max_tokens: int, stop=()):
-    model, tok = reference
-    ids = tok.encode(prompt, bos=True)
-    return ids, generate(model, tok, [ids], max_tokens, GREEDY, stop_strings=stop)[0]
-
-
-def expected_chat(reference, messages, max_tokens: int):
-    model, tok = reference
-    ids = encode_dialog(tok, messages, "llama2")
-    pieces = stream(model, tok, ids, max_tokens, GREEDY, stop_ids=stop_ids_for(tok, "llama2"), follows_prompt=False)
-    return ids, "".join(pieces)
 
 
 def test_models_lists_the_served_model(client):

@@ -8,8 +8,7 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import pytest
 
-from tests.serve.conftest import API_KEY, MODEL, start_server, stop
-from tests.serve.test_api import expected_chat, expected_completion, reference  # noqa: F401 - a fixture
+from tests.serve.conftest import API_KEY, MODEL, expected_chat, expected_completion, start_server, stop
 
 WORDS = ["cat", "dog", "sun", "tree", "girl", "boy", "ball", "park", "cake", "bird", "fish", "star", "moon", "rain",
          "king", "frog"]
@@ -22,7 +21,7 @@ def _requests(count: int):
         yield i, prompt, 8 + (i * 13) % 50
 
 
-def test_64_requests_32_at_once_each_equal_to_running_alone(client, reference):  # noqa: F811
+def test_64_requests_32_at_once_each_equal_to_running_alone(client, reference):
     def run(item):
         i, prompt, max_tokens = item
         if i % 4 == 3:
