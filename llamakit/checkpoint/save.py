@@ -55,9 +55,11 @@ def save_model(model: Transformer, path: str | Path, format: str = "llamakit", *
     return path
 
 
-def write_native(folder: Path, config: ModelConfig, state: dict[str, torch.Tensor], tok: Tokenizer | None) -> None:
-    """Our format's files (config, safetensors, tokenizer) into an existing folder; the caller makes it atomic."""
-    _write_hf_layout(folder, config, state, tok, 5 * 2**30, native=True)
+def write_native(folder: Path, config: ModelConfig, state: dict[str, torch.Tensor], tok: Tokenizer | None,
+                 transforms: list[dict] | None = None) -> None:
+    """Our format's files (config, safetensors, tokenizer, the transforms' records) into an existing folder; the
+    caller makes it atomic."""
+    _write_hf_layout(folder, config, state, tok, 5 * 2**30, native=True, transforms=transforms)
     if tok is not None:
         shutil.copyfile(tok.path, folder / "tokenizer.model")
 

@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 import llamakit.model.quantize  # noqa: F401 (registers int8 and int4, which checkpoints record)
+import llamakit.model.reward  # noqa: F401 (registers reward_head)
 from llamakit.errors import CheckpointError
 from llamakit.model.llama import Transformer
 from llamakit.model.transforms import TRANSFORMS, Transform, applied, apply_transforms, register

@@ -20,7 +20,18 @@ from llamakit.cli.data import add_prepare, add_tokenizer, prepare, tokenizer_too
 from llamakit.cli.evaluate import add_eval, evaluate
 from llamakit.cli.inference import add_chat, add_generate, chat, generate
 from llamakit.cli.serve import add_serve, serve
-from llamakit.cli.train import add_dpo, add_finetune, add_merge, add_pretrain, dpo, finetune, merge, pretrain
+from llamakit.cli.train import (
+    add_dpo,
+    add_finetune,
+    add_merge,
+    add_pretrain,
+    add_reward,
+    dpo,
+    finetune,
+    merge,
+    pretrain,
+    reward,
+)
 from llamakit.errors import LlamakitError
 
 __all__ = ["COMMANDS", "build_parser", "main"]
@@ -37,6 +48,7 @@ COMMANDS = {  # name: (add arguments, run)
     "pretrain": (add_pretrain, pretrain),
     "finetune": (add_finetune, finetune),
     "dpo": (add_dpo, dpo),
+    "reward": (add_reward, reward),
     "merge": (add_merge, merge),
     "eval": (add_eval, evaluate),
     "serve": (add_serve, serve),

@@ -1,4 +1,4 @@
-"""`llamakit pretrain`, `finetune`, `dpo` and `merge`: train a model from a YAML config; fold an adapter into its base."""
+"""`llamakit pretrain`, `finetune`, `dpo`, `reward`, `merge`: train a model from a YAML config; fold an adapter in."""
 
 from __future__ import annotations
 
@@ -45,6 +45,16 @@ def dpo(args: argparse.Namespace) -> None:
     if final is not None:
         kind = "adapter" if (final / "adapter_config.json").is_file() else "final model"
         print(f"{kind}: {final}\n{_outputs(out)}")
+
+
+def reward(args: argparse.Namespace) -> None:
+    """Train a reward model on preference pairs (a scalar head on the model, the pairwise loss) from a YAML config."""
+    from llamakit.train.reward import RewardRunConfig
+    from llamakit.train.reward import reward as run
+
+    final, out = _train(args, RewardRunConfig, run)
+    if final is not None:
+        print(f"reward model: {final}\n{_outputs(out)}")
 
 
 def _train(args: argparse.Namespace, kind: type, run):
@@ -103,6 +113,10 @@ def add_finetune(p: argparse.ArgumentParser) -> None:
 
 def add_dpo(p: argparse.ArgumentParser) -> None:
     _add_run_config(p, "configs/dpo/tiny-dpo.yaml")
+
+
+def add_reward(p: argparse.ArgumentParser) -> None:
+    _add_run_config(p, "configs/reward/tiny-reward.yaml")
 
 
 def add_merge(p: argparse.ArgumentParser) -> None:

@@ -236,7 +236,22 @@ class PreferenceExamples:
         return batch
 
 
-def load_preferences(cfg: PreferenceDataConfig, tokenizer: Tokenizer, style: str | None
+class RewardExamples(PreferenceExamples):
+    """Pairs as a reward model reads them: whole sequences (the score is at the last token), right-padded."""
+
+    def batch(self, indices) -> dict[str, torch.Tensor]:
+        picked = [self.pairs[i] for i in indices]
+        sequences = [p.prompt + p.chosen for p in picked] + [p.prompt + p.rejected for p in picked]
+        T = max(len(s) for s in sequences)
+        input_ids = torch.full((len(sequences), T), self.pad_id, dtype=torch.long)
+        for r, s in enumerate(sequences):
+            input_ids[r, :len(s)] = torch.tensor(s)
+        last = torch.tensor([len(s) - 1 for s in sequences])  # (2P,)
+        return {"input_ids": input_ids, "last": last, "margin": torch.tensor([p.margin for p in picked])}
+
+
+def load_preferences(cfg: PreferenceDataConfig, tokenizer: Tokenizer, style: str | None,
+                     kind: type[PreferenceExamples] = PreferenceExamples
                      ) -> tuple[PreferenceExamples, PreferenceExamples, dict]:
     """Train and validation pairs, encoded, and a report of what was read, skipped and truncated."""
     pairs, report = read_pairs(cfg.path, cfg.margins)
@@ -255,5 +270,4 @@ def load_preferences(cfg: PreferenceDataConfig, tokenizer: Tokenizer, style: str
     summary = {"rows": report.rows, "skipped": report.skipped, "train_pairs": len(train), "val_pairs": len(val),
                "truncated": sum(e.truncated for e in train + val)}
     logger.info("preference data: %s", summary)
-    return (PreferenceExamples(train, tokenizer.pad_id, cfg.mask_end), PreferenceExamples(val, tokenizer.pad_id, cfg.mask_end),
-            summary)
+    return kind(train, tokenizer.pad_id, cfg.mask_end), kind(val, tokenizer.pad_id, cfg.mask_end), summary

@@ -97,3 +97,53 @@ class DPOObjective:
 
     def tokens(self, batch: Batch) -> int:
         return batch["input_ids"].numel()
+
+
+REWARD_LOSSES = ("log_sig", "log_exp")
+
+
+@dataclass
+class RewardConfig:
+    """The pairwise ranking loss of a reward model."""
+
+    loss: str = "log_sig"  # log_sig: -log σ(r_c − r_r − m); log_exp: log(1 + exp(r_r − r_c + m)) (ColossalChat's)
+    use_margins: bool = True  # m from the data (Llama 2); False: m = 0 (Llama 3)
+    center: float = 0.0  # + center × (r_c + r_r)²: keeps rewards near 0 (trl's center_rewards_coefficient)
+
+    def __post_init__(self):
+        if self.loss not in REWARD_LOSSES:
+            raise ConfigError(f"reward.loss={self.loss!r}; choose one of {', '.join(REWARD_LOSSES)}")
+        if self.center < 0:
+            raise ConfigError(f"reward.center={self.center} must be >= 0")
+
+
+def ranking_losses(chosen: torch.Tensor, rejected: torch.Tensor, margin: torch.Tensor, cfg: RewardConfig
+                   ) -> torch.Tensor:
+    """Per-pair losses (P,) from the scores of the chosen and the rejected answers (P,) and the margins (P,)."""
+    diff = chosen - rejected - (margin if cfg.use_margins else 0.0)  # (P,)
+    # The same function in two forms: ColossalChat's log_exp spells it out, log_sig is the stable one.
+    losses = -F.logsigmoid(diff) if cfg.loss == "log_sig" else torch.log1p(torch.exp(-diff))
+    return losses + cfg.center * (chosen + rejected) ** 2
+
+
+class RewardObjective:
+    """Reward modelling on batches of P pairs: input_ids (2P, T) whole sequences, chosen rows first, right-padded;
+    last (2P,) each row's last real position; margin (P,)."""
+
+    def __init__(self, cfg: RewardConfig):
+        self.cfg = cfg
+
+    def loss(self, model: nn.Module, batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        r = model(batch["input_ids"], logits_at=batch["last"])[:, 0, 0]  # (2P,)
+        P = r.size(0) // 2
+        chosen, rejected = r[:P], r[P:]
+        losses = ranking_losses(chosen, rejected, batch["margin"].to(r.dtype), self.cfg)
+        gap = (chosen - rejected).detach()
+        return losses.sum(), {"accuracy": (gap > 0).float().sum(), "margin": gap.sum(),
+                              "reward_chosen": chosen.detach().sum(), "reward_rejected": rejected.detach().sum()}
+
+    def weight(self, batch: Batch) -> int:
+        return batch["input_ids"].size(0) // 2
+
+    def tokens(self, batch: Batch) -> int:
+        return batch["input_ids"].numel()

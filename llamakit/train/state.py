@@ -29,6 +29,7 @@ from llamakit.checkpoint.io import atomic_directory
 from llamakit.checkpoint.peft import read_adapter_weights, write_adapter
 from llamakit.checkpoint.save import write_native
 from llamakit.errors import CheckpointError
+from llamakit.model.transforms import applied
 from llamakit.tokenizer import Tokenizer
 from llamakit.train.parallel import Processes, unwrap
 
@@ -80,7 +81,8 @@ class Checkpointer:
             if self.adapter is not None:
                 write_adapter(tmp, inner, self.adapter, weights, self.base)
             else:
-                write_native(tmp, inner.config, {k: v.contiguous() for k, v in weights.items()}, self.tokenizer)
+                write_native(tmp, inner.config, {k: v.contiguous() for k, v in weights.items()}, self.tokenizer,
+                             [t.to_dict() for t in applied(inner)])  # e.g. a reward model's head: loads as one
             (tmp / "train_config.yaml").write_text(self.config_yaml)
             if state is not None:
                 torch.save(optim_state, tmp / "optimizer.pt")

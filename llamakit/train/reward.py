@@ -1,0 +1,72 @@
+"""`llamakit reward`: a model + preference pairs -> a reward model that scores the chosen answer higher.
+
+The language model's output head is swapped for a scalar head (model/reward.py) and the whole model trains on
+the pairwise ranking loss (train/preference.py) with the one loop. The result is a llamakit model folder that
+records the swap, so `load_model` returns the reward model.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import ClassVar
+
+import torch
+
+from llamakit.checkpoint import load_model
+from llamakit.data.preference import PreferenceDataConfig, RewardExamples, load_preferences
+from llamakit.errors import ConfigError
+from llamakit.generate.chat import chat_style
+from llamakit.model.reward import apply_reward_head
+from llamakit.tokenizer import check_vocab
+from llamakit.train.config import CheckpointSection, RunConfig
+from llamakit.train.finetune import BaseModelSection, MethodSection, _tokenizer, apply_method
+from llamakit.train.metrics import flops_per_token
+from llamakit.train.parallel import Processes
+from llamakit.train.preference import RewardConfig, RewardObjective
+from llamakit.train.runner import Job, loop_data, run
+
+
+@dataclass
+class RewardCheckpoints(CheckpointSection):
+    out_dir: str = "runs/reward"
+
+
+@dataclass
+class RewardMethod(MethodSection):
+    name: str = "full"
+
+
+@dataclass
+class RewardRunConfig(RunConfig):
+    command: ClassVar[str] = "reward"
+    checkpoint: RewardCheckpoints = field(default_factory=RewardCheckpoints)
+    model: BaseModelSection = field(default_factory=BaseModelSection)
+    method: RewardMethod = field(default_factory=RewardMethod)
+    data: PreferenceDataConfig = field(default_factory=PreferenceDataConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.method.name != "full":
+            raise ConfigError(f"method.name={self.method.name!r}; reward models train full for now (a LoRA adapter "
+                              "would have to carry the new score head too)")
+
+
+def reward(cfg: RewardRunConfig, resume: bool = False) -> Path:
+    """Train a reward model and return final/: a model folder whose output is one score per position."""
+    return run(cfg, build_job, resume)
+
+
+def build_job(cfg: RewardRunConfig, procs: Processes) -> Job:
+    tokenizer = _tokenizer(cfg.model)
+    model = load_model(cfg.model.path, dtype=cfg.model.dtype, device=procs.device)
+    check_vocab(tokenizer, model.config.vocab_size, str(cfg.model.path))
+    style = chat_style(model, tokenizer, cfg.data.chat_format)
+    train_set, val_set, _ = load_preferences(cfg.data, tokenizer, style, RewardExamples)
+    model.config = model.config.replace(chat_format=style)
+    torch.manual_seed(cfg.train.seed)  # the score head's initial weights
+    apply_method(model, cfg.method)
+    apply_reward_head(model)
+    return Job(model.train(), RewardObjective(cfg.reward), loop_data(cfg, train_set, val_set, procs), tokenizer,
+               flops_per_token(model.config, cfg.data.seq_len), base=str(cfg.model.path))

@@ -1,0 +1,74 @@
+"""Reward models: the ranking loss against its closed form, scores independent of the batch, a run that learns a
+clear preference and a saved model that reloads with the same scores."""
+
+import json
+import math
+
+import pytest
+import torch
+
+from llamakit import load_model
+from llamakit.data.preference import EncodedPair, RewardExamples
+from llamakit.model import ModelConfig, Transformer
+from llamakit.model.reward import ScoreHead, apply_reward_head, scores
+from llamakit.train import parse_config
+from llamakit.train.preference import RewardConfig, ranking_losses
+from llamakit.train.reward import RewardRunConfig, reward
+
+CONFIG = "configs/reward/tiny-reward.yaml"
+
+
+def test_the_ranking_loss_equals_its_closed_form():
+    chosen, rejected, margin = torch.tensor([2.0, 0.5]), torch.tensor([1.0, 1.5]), torch.tensor([0.5, 0.0])
+    expected = torch.tensor([math.log1p(math.exp(-0.5)), math.log1p(math.exp(1.0))])  # -log σ(r_c - r_r - m)
+    assert torch.allclose(ranking_losses(chosen, rejected, margin, RewardConfig()), expected)
+    assert torch.allclose(ranking_losses(chosen, rejected, margin, RewardConfig(loss="log_exp")), expected)
+    no_margin = ranking_losses(chosen, rejected, margin, RewardConfig(use_margins=False))
+    assert no_margin[0].item() == pytest.approx(math.log1p(math.exp(-1.0)))
+    centred = ranking_losses(chosen, rejected, margin, RewardConfig(center=0.01))
+    assert torch.allclose(centred - expected, 0.01 * torch.tensor([9.0, 4.0]))
+
+
+def test_a_score_does_not_depend_on_the_batch():
+    torch.manual_seed(0)
+    model = apply_reward_head(Transformer(ModelConfig(dim=32, n_layers=2, n_heads=4, vocab_size=64, multiple_of=16,
+                                                      max_seq_len=32))).eval()
+    assert isinstance(model.lm_head, ScoreHead) and not model.config.tie_word_embeddings
+    pairs = [EncodedPair([1, 5, 9], [7, 2], [3], 1.0, False), EncodedPair([1, 4], [8, 8, 8, 6], [2, 2], 0.0, False)]
+    examples = RewardExamples(pairs, pad_id=0)
+    with torch.no_grad():
+        together = scores(model, *(examples.batch([0, 1])[k] for k in ("input_ids", "last")))
+        alone = [scores(model, *(examples.batch([i])[k] for k in ("input_ids", "last"))) for i in (0, 1)]
+    assert torch.allclose(together, torch.cat([alone[0][:1], alone[1][:1], alone[0][1:], alone[1][1:]]), atol=1e-6)
+    assert examples.batch([0, 1])["margin"].tolist() == [1.0, 0.0]
+
+
+def test_a_reward_model_learns_a_clear_preference_and_reloads(assets, tmp_path):
+    data = tmp_path / "pairs.jsonl"
+    with data.open("w") as f:
+        for i in range(72):
+            f.write(json.dumps({"prompt": f"Tell me story number {i}.", "chosen": "Once upon a time, there was a girl.",
+                                "rejected": "zq xv kk pp qz vv."}) + "\n")
+    out = tmp_path / "run"
+    args = ["--model.path", str(assets / "tinyllamas" / "stories260K.bin"),
+            "--model.tokenizer", str(assets / "tinyllamas" / "tok512.model"), "--data.path", str(data),
+            "--data.seq_len", "128", "--data.val_fraction", "0.12", "--train.batch_size", "8",
+            "--train.micro_batch_size", "8", "--train.device", "cpu", "--train.max_steps", "6", "--eval.every", "3",
+            "--checkpoint.every", "3", "--log.every", "1", "--log.tensorboard", "false", "--log.plot", "false",
+            "--checkpoint.out_dir", str(out)]
+    final = reward(parse_config(CONFIG, args, RewardRunConfig))
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    val = {r["step"]: r for r in rows if "val_loss" in r}
+    assert val[6]["val_accuracy"] == 1.0 and val[6]["val_loss"] < val[0]["val_loss"]
+    reloaded = load_model(final)
+    assert isinstance(reloaded.lm_head, ScoreHead)
+    from llamakit import load_tokenizer
+    from llamakit.data.preference import PreferencePair, encode_pair
+
+    tok = load_tokenizer(assets / "tinyllamas" / "tok512.model")
+    pair = PreferencePair([{"role": "user", "content": "Tell me story number 99."}],
+                          "Once upon a time, there was a girl.", "zq xv kk pp qz vv.")
+    batch = RewardExamples([encode_pair(tok, pair, "llama2", 128)], tok.pad_id).batch([0])
+    with torch.no_grad():
+        chosen, rejected = scores(reloaded, batch["input_ids"], batch["last"])
+    assert chosen > rejected  # the saved model is the trained one: it prefers the story on an unseen prompt
