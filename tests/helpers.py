@@ -45,3 +45,17 @@ def kill_when_exists(command: list[str], marker, env: dict, timeout: float = 120
     assert proc.poll() is None, "the run ended before it could be killed mid-way"
     proc.send_signal(signal.SIGKILL)
     proc.wait()
+
+
+CLEAR_CHOICE = ("Once upon a time, there was a girl.", "zq xv kk pp qz vv.")  # (chosen, rejected): easy to learn
+
+
+def write_clear_preferences(path, count: int = 72):
+    """A JSONL of `count` pairs that always prefer a story to gibberish: a preference any model learns quickly."""
+    import json
+
+    with open(path, "w", encoding="utf-8") as f:
+        for i in range(count):
+            f.write(json.dumps({"prompt": f"Tell me story number {i}.", "chosen": CLEAR_CHOICE[0],
+                                "rejected": CLEAR_CHOICE[1]}) + "\n")
+    return path

@@ -10,7 +10,7 @@ import pytest
 
 from llamakit.train import parse_config
 from llamakit.train.dpo import REFERENCE_FILE, DPORunConfig, dpo
-from tests.helpers import kill_when_exists
+from tests.helpers import kill_when_exists, write_clear_preferences
 
 CONFIG = "configs/dpo/tiny-dpo.yaml"
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONHASHSEED": "0"}
@@ -31,11 +31,7 @@ def _metrics(out_dir, key):
 
 
 def test_dpo_starts_at_ln2_and_learns_a_clear_preference(assets, tmp_path):
-    data = tmp_path / "pairs.jsonl"
-    with data.open("w") as f:
-        for i in range(72):
-            f.write(json.dumps({"prompt": f"Tell me story number {i}.", "chosen": "Once upon a time, there was a girl.",
-                                "rejected": "zq xv kk pp qz vv."}) + "\n")
+    data = write_clear_preferences(tmp_path / "pairs.jsonl")
     out = tmp_path / "run"
     dpo(parse_config(CONFIG, _args(assets, out, data, "--train.max_steps", "6"), DPORunConfig))
     loss, val = _metrics(out, "loss"), _metrics(out, "val_loss")

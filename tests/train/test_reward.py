@@ -14,6 +14,7 @@ from llamakit.model.reward import ScoreHead, apply_reward_head, scores
 from llamakit.train import parse_config
 from llamakit.train.preference import RewardConfig, ranking_losses
 from llamakit.train.reward import RewardRunConfig, reward
+from tests.helpers import CLEAR_CHOICE, write_clear_preferences
 
 CONFIG = "configs/reward/tiny-reward.yaml"
 
@@ -44,11 +45,7 @@ def test_a_score_does_not_depend_on_the_batch():
 
 
 def test_a_reward_model_learns_a_clear_preference_and_reloads(assets, tmp_path):
-    data = tmp_path / "pairs.jsonl"
-    with data.open("w") as f:
-        for i in range(72):
-            f.write(json.dumps({"prompt": f"Tell me story number {i}.", "chosen": "Once upon a time, there was a girl.",
-                                "rejected": "zq xv kk pp qz vv."}) + "\n")
+    data = write_clear_preferences(tmp_path / "pairs.jsonl")
     out = tmp_path / "run"
     args = ["--model.path", str(assets / "tinyllamas" / "stories260K.bin"),
             "--model.tokenizer", str(assets / "tinyllamas" / "tok512.model"), "--data.path", str(data),
@@ -66,8 +63,7 @@ def test_a_reward_model_learns_a_clear_preference_and_reloads(assets, tmp_path):
     from llamakit.data.preference import PreferencePair, encode_pair
 
     tok = load_tokenizer(assets / "tinyllamas" / "tok512.model")
-    pair = PreferencePair([{"role": "user", "content": "Tell me story number 99."}],
-                          "Once upon a time, there was a girl.", "zq xv kk pp qz vv.")
+    pair = PreferencePair([{"role": "user", "content": "Tell me story number 99."}], *CLEAR_CHOICE)
     batch = RewardExamples([encode_pair(tok, pair, "llama2", 128)], tok.pad_id).batch([0])
     with torch.no_grad():
         chosen, rejected = scores(reloaded, batch["input_ids"], batch["last"])
