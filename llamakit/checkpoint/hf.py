@@ -142,4 +142,4 @@ def write_hf_weights(folder: Path, state: dict[str, torch.Tensor], max_shard_byt
 
 
 def _hf_name(name: str) -> str:
-    return name if name == "lm_head.weight" else f"model.{name}"
+    return name if name in ("lm_head.weight", "score.weight") else f"model.{name}"

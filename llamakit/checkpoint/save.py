@@ -32,7 +32,9 @@ def save_model(model: Transformer, path: str | Path, format: str = "llamakit", *
     if tok is not None:
         check_vocab(tok, config.vocab_size, "the model being saved")
     transforms = [t.to_dict() for t in applied(model)]
-    if transforms and format != "llamakit":
+    # A reward model is one transform Hugging Face has a class for: written as LlamaForSequenceClassification.
+    scorer = [t["name"] for t in transforms] == ["reward_head"] and format == "hf"
+    if transforms and format != "llamakit" and not scorer:
         raise CheckpointError(f"the model was transformed ({', '.join(t['name'] for t in transforms)}), which only "
                               "the llamakit format records; save it with format 'llamakit'")
     dtype, owned = resolve_dtype(dtype), owned_dtypes(model)  # a transform's tensors keep their own dtype
@@ -47,7 +49,7 @@ def save_model(model: Transformer, path: str | Path, format: str = "llamakit", *
             meta.write_meta(tmp, config, state, shards)
         else:
             _write_hf_layout(tmp, config, state, tok, max_shard_bytes, native=format == "llamakit",
-                             transforms=transforms)
+                             transforms=transforms, scorer=scorer)
         if tok is not None:
             shutil.copyfile(tok.path, tmp / "tokenizer.model")
         elif format == "llamakit":
@@ -65,9 +67,14 @@ def write_native(folder: Path, config: ModelConfig, state: dict[str, torch.Tenso
 
 
 def _write_hf_layout(folder: Path, config: ModelConfig, state: dict[str, torch.Tensor], tok: Tokenizer | None,
-                     max_shard_bytes: int, native: bool, transforms: list[dict] | None = None) -> None:
+                     max_shard_bytes: int, native: bool, transforms: list[dict] | None = None,
+                     scorer: bool = False) -> None:
     dtype = state["embed_tokens.weight"].dtype
     hf_config = hf.config_to_hf(config, dtype, tok.bos_id if tok else None, tok.eos_id if tok else None)
+    if scorer:  # transformers reads the score at the last token that is not pad_token_id
+        hf_config.update(architectures=["LlamaForSequenceClassification"], num_labels=1,
+                         pad_token_id=tok.pad_id if tok else None)
+        state = {("score.weight" if name == "lm_head.weight" else name): t for name, t in state.items()}
     if native:  # transformers ignores this block; we read the exact config (multiple_of etc.) from it
         hf_config[NATIVE_KEY] = {"format_version": NATIVE_VERSION, "model": config.to_dict()}
         if transforms:  # applied again by load_model, before the weights are assigned

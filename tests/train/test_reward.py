@@ -68,3 +68,21 @@ def test_a_reward_model_learns_a_clear_preference_and_reloads(assets, tmp_path):
     with torch.no_grad():
         chosen, rejected = scores(reloaded, batch["input_ids"], batch["last"])
     assert chosen > rejected  # the saved model is the trained one: it prefers the story on an unseen prompt
+
+
+def test_a_reward_model_saved_for_hugging_face_scores_the_same_in_transformers(assets, tmp_path):
+    from transformers import LlamaForSequenceClassification
+
+    from llamakit import load_tokenizer, save_model
+
+    torch.manual_seed(0)
+    model = apply_reward_head(load_model(assets / "tinyllamas" / "stories260K.bin")).eval()
+    tok = load_tokenizer(assets / "tinyllamas" / "tok512.model")
+    save_model(model, tmp_path / "rm-hf", "hf", tokenizer=tok)
+    theirs = LlamaForSequenceClassification.from_pretrained(tmp_path / "rm-hf").eval()
+    for text in ("Once upon a time", "The dog ran to the park and found a big red ball."):
+        ids = torch.tensor([tok.encode(text, bos=True)])
+        with torch.no_grad():
+            ours = scores(model, ids, torch.tensor([ids.size(1) - 1]))
+            expected = theirs(input_ids=ids).logits[:, 0]
+        assert torch.allclose(ours, expected, atol=1e-4), (ours, expected)
