@@ -55,8 +55,9 @@ class KVCache:
         if not self._free:
             raise LlamakitError(f"all {self.max_slots} KV cache slots are in use; release one or build a cache with "
                                 "more slots")
-        self._free.sort()
-        return self._free.pop(0)
+        slot = min(self._free)
+        self._free.remove(slot)
+        return slot
 
     def release(self, slot: int) -> None:
         """Give a slot back: its tokens are forgotten and it can be acquired again."""

@@ -25,7 +25,7 @@ from llamakit.files import atomic_file
 from llamakit.generate.chat import chat_style
 from llamakit.tokenizer import check_vocab
 from llamakit.train.config import CheckpointSection, RunConfig
-from llamakit.train.finetune import BaseModelSection, MethodSection, _tokenizer, apply_method
+from llamakit.train.finetune import BaseModelSection, MethodSection, apply_method, base_tokenizer
 from llamakit.train.metrics import flops_per_token
 from llamakit.train.parallel import Processes
 from llamakit.train.preference import DPOConfig, DPOObjective, sequence_logprobs
@@ -61,18 +61,25 @@ def dpo(cfg: DPORunConfig, resume: bool = False) -> Path:
 
 
 def build_job(cfg: DPORunConfig, procs: Processes) -> Job:
-    tokenizer = _tokenizer(cfg.model)
-    model = load_model(cfg.model.path, dtype=cfg.model.dtype, device=procs.device)
-    check_vocab(tokenizer, model.config.vocab_size, str(cfg.model.path))
-    style = chat_style(model, tokenizer, cfg.data.chat_format)
-    train_set, val_set, _ = load_preferences(cfg.data, tokenizer, style)
-    model.config = model.config.replace(chat_format=style)
-    torch.manual_seed(cfg.train.seed)
-    adapter = apply_method(model, cfg.method)
+    model, tokenizer, adapter, train_set, val_set = load_base_and_pairs(cfg, procs)
     reference_logps(model, train_set, val_set, cfg, procs)
     flops = flops_per_token(model.config, cfg.data.seq_len) * (1 if adapter is None else 4 / 6)
     return Job(model.train(), DPOObjective(cfg.dpo), loop_data(cfg, train_set, val_set, procs), tokenizer, flops,
                adapter=adapter, base=str(cfg.model.path))
+
+
+def load_base_and_pairs(cfg: RunConfig, procs: Processes, kind: type[PreferenceExamples] = PreferenceExamples):
+    """What every preference method starts from (DPO, reward models): the base model, set to the data's chat format
+    and with its method applied, its tokenizer, the method's adapter settings, and the encoded train/val pairs."""
+    tokenizer = base_tokenizer(cfg.model)
+    model = load_model(cfg.model.path, dtype=cfg.model.dtype, device=procs.device)
+    check_vocab(tokenizer, model.config.vocab_size, str(cfg.model.path))
+    style = chat_style(model, tokenizer, cfg.data.chat_format)
+    train_set, val_set, _ = load_preferences(cfg.data, tokenizer, style, kind)
+    model.config = model.config.replace(chat_format=style)
+    torch.manual_seed(cfg.train.seed)  # LoRA's A matrices, a new head: the same on every process and every run
+    adapter = apply_method(model, cfg.method)
+    return model, tokenizer, adapter, train_set, val_set
 
 
 def reference_logps(model: torch.nn.Module, train_set: PreferenceExamples, val_set: PreferenceExamples,

@@ -77,7 +77,7 @@ def finetune(cfg: FinetuneConfig, resume: bool = False) -> Path:
 
 def build_job(cfg: FinetuneConfig, procs: Processes) -> Job:
     """The base model with the method applied, next-token loss on the answers, and the SFT examples."""
-    tokenizer = _tokenizer(cfg.model)
+    tokenizer = base_tokenizer(cfg.model)
     train_set, val_set, report = load_sft(cfg.data, tokenizer)  # logs its report: examples, truncated, dropped
     model = load_model(cfg.model.path, dtype=cfg.model.dtype, device=procs.device)
     # The prompt format it learns, saved with the result (config.json, or the adapter's metadata): chat prompts in it.
@@ -109,7 +109,8 @@ def apply_method(model: Transformer, method: MethodSection) -> LoRAConfig | Pref
     return method.virtual_tokens
 
 
-def _tokenizer(section: BaseModelSection):
+def base_tokenizer(section: BaseModelSection):
+    """model.tokenizer, else the tokenizer file beside the base checkpoint."""
     path = section.tokenizer or find_tokenizer(section.path)
     if path is None:
         raise ConfigError(f"{section.path}: no tokenizer.model beside the base model; set model.tokenizer")

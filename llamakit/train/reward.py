@@ -11,16 +11,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar
 
-import torch
-
-from llamakit.checkpoint import load_model
-from llamakit.data.preference import PreferenceDataConfig, RewardExamples, load_preferences
+from llamakit.data.preference import PreferenceDataConfig, RewardExamples
 from llamakit.errors import ConfigError
-from llamakit.generate.chat import chat_style
 from llamakit.model.reward import apply_reward_head
-from llamakit.tokenizer import check_vocab
 from llamakit.train.config import CheckpointSection, RunConfig
-from llamakit.train.finetune import BaseModelSection, MethodSection, _tokenizer, apply_method
+from llamakit.train.dpo import load_base_and_pairs
+from llamakit.train.finetune import BaseModelSection, MethodSection
 from llamakit.train.metrics import flops_per_token
 from llamakit.train.parallel import Processes
 from llamakit.train.preference import RewardConfig, RewardObjective
@@ -59,14 +55,7 @@ def reward(cfg: RewardRunConfig, resume: bool = False) -> Path:
 
 
 def build_job(cfg: RewardRunConfig, procs: Processes) -> Job:
-    tokenizer = _tokenizer(cfg.model)
-    model = load_model(cfg.model.path, dtype=cfg.model.dtype, device=procs.device)
-    check_vocab(tokenizer, model.config.vocab_size, str(cfg.model.path))
-    style = chat_style(model, tokenizer, cfg.data.chat_format)
-    train_set, val_set, _ = load_preferences(cfg.data, tokenizer, style, RewardExamples)
-    model.config = model.config.replace(chat_format=style)
-    torch.manual_seed(cfg.train.seed)  # the score head's initial weights
-    apply_method(model, cfg.method)
+    model, tokenizer, _, train_set, val_set = load_base_and_pairs(cfg, procs, RewardExamples)
     apply_reward_head(model)
     return Job(model.train(), RewardObjective(cfg.reward), loop_data(cfg, train_set, val_set, procs), tokenizer,
                flops_per_token(model.config, cfg.data.seq_len), base=str(cfg.model.path))

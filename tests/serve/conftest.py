@@ -40,7 +40,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(assets, log_path, *extra: str, api_key: str | None = API_KEY, wait: bool = True) -> Server:
+def start_server(assets, log_path, *extra: str, api_key: str | None = API_KEY) -> Server:
     port = free_port()
     command = [sys.executable, "-m", "llamakit", "serve", "--checkpoint", str(assets / "tinyllamas" / "stories260K.bin"),
                "--tokenizer", str(assets / "tinyllamas" / "tok512.model"), "--port", str(port),
@@ -51,8 +51,7 @@ def start_server(assets, log_path, *extra: str, api_key: str | None = API_KEY, w
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
     server = Server(f"http://127.0.0.1:{port}", proc, log)
-    if wait:
-        wait_ready(server)
+    wait_ready(server)
     return server
 
 
@@ -80,12 +79,17 @@ def stop(server: Server) -> int:
     return code
 
 
+def served(assets, tmp_path_factory, name: str, *extra: str, api_key: str | None = API_KEY):
+    """A fixture's body: a server started with `extra` options, then stopped cleanly (status 0, no traceback)."""
+    server = start_server(assets, tmp_path_factory.mktemp("serve") / f"{name}.log", *extra, api_key=api_key)
+    yield server
+    assert stop(server) == 0
+    assert "Traceback" not in server.log_text()
+
+
 @pytest.fixture(scope="session")
 def server(assets, tmp_path_factory):
-    server = start_server(assets, tmp_path_factory.mktemp("serve") / "server.log", "--max-batch-size", "8",
-                          "--max-waiting", "64")
-    yield server
-    stop(server)
+    yield from served(assets, tmp_path_factory, "server", "--max-batch-size", "8", "--max-waiting", "64")
 
 
 @pytest.fixture(scope="session")

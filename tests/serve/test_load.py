@@ -8,7 +8,7 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import pytest
 
-from tests.serve.conftest import API_KEY, MODEL, expected_chat, expected_completion, start_server, stop
+from tests.serve.conftest import API_KEY, MODEL, expected_chat, expected_completion, served, start_server, stop
 
 WORDS = ["cat", "dog", "sun", "tree", "girl", "boy", "ball", "park", "cake", "bird", "fish", "star", "moon", "rain",
          "king", "frog"]
@@ -56,10 +56,7 @@ def _slots_in_use(server) -> float:
 @pytest.fixture(scope="module")
 def long_server(assets, tmp_path_factory):
     """A context long enough (4096, past stories260K's 512) that a request runs for seconds."""
-    server = start_server(assets, tmp_path_factory.mktemp("serve") / "long.log", "--max-seq-len", "4096",
-                          "--extend-context")
-    yield server
-    stop(server)
+    yield from served(assets, tmp_path_factory, "long", "--max-seq-len", "4096", "--extend-context")
 
 
 def test_a_client_that_leaves_frees_its_slot(long_server):
@@ -95,10 +92,7 @@ def test_a_client_that_leaves_a_plain_request_frees_its_slot_too(long_server):
 
 @pytest.fixture(scope="module")
 def tiny_queue(assets, tmp_path_factory):
-    server = start_server(assets, tmp_path_factory.mktemp("serve") / "tiny.log", "--max-batch-size", "1",
-                          "--max-waiting", "1")
-    yield server
-    stop(server)
+    yield from served(assets, tmp_path_factory, "tiny", "--max-batch-size", "1", "--max-waiting", "1")
 
 
 def test_a_full_queue_answers_429_and_the_server_goes_on(tiny_queue):

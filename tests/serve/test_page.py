@@ -9,7 +9,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.serve.conftest import API_KEY, MODEL, start_server, stop
+from tests.serve.conftest import API_KEY, MODEL, served
 
 CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")  # Debian's chromium, chromium-driver
 WAIT = 30  # seconds for anything the page waits on; generous, as the machine may be shared
@@ -53,27 +53,23 @@ def page(driver):
     assert not errors, errors  # network: the 401s and 400s the tests provoke on purpose
 
 
-def _serve(assets, tmp_path_factory, *extra: str, api_key: str | None = None):
-    server = start_server(assets, tmp_path_factory.mktemp("page") / "server.log", *extra, api_key=api_key)
-    yield server
-    assert stop(server) == 0
-    assert "Traceback" not in server.log_text()  # shutdown too
 
 
 @pytest.fixture(scope="module")
 def server(assets, tmp_path_factory):
     """No key, the model's own 512-token window."""
-    yield from _serve(assets, tmp_path_factory)
+    yield from served(assets, tmp_path_factory, "page", api_key=None)
 
 
 @pytest.fixture(scope="module")
 def long_server(assets, tmp_path_factory):
-    yield from _serve(assets, tmp_path_factory, "--max-seq-len", str(LONG_WINDOW), "--extend-context")
+    yield from served(assets, tmp_path_factory, "page", "--max-seq-len", str(LONG_WINDOW), "--extend-context",
+                      api_key=None)
 
 
 @pytest.fixture(scope="module")
 def keyed_server(assets, tmp_path_factory):
-    yield from _serve(assets, tmp_path_factory, api_key=API_KEY)
+    yield from served(assets, tmp_path_factory, "page", api_key=API_KEY)
 
 
 def wait(driver, condition, what: str):
