@@ -36,17 +36,23 @@ REFERENCE_FILE = "reference_logps.safetensors"
 
 
 @dataclass
+class PreferenceRunConfig(RunConfig):
+    """What the preference methods (DPO, reward models) share: a base model, what trains, preference pairs."""
+
+    model: BaseModelSection = field(default_factory=BaseModelSection)
+    method: MethodSection = field(default_factory=MethodSection)
+    data: PreferenceDataConfig = field(default_factory=PreferenceDataConfig)
+
+
+@dataclass
 class DPOCheckpoints(CheckpointSection):
     out_dir: str = "runs/dpo"
 
 
 @dataclass
-class DPORunConfig(RunConfig):
+class DPORunConfig(PreferenceRunConfig):
     command: ClassVar[str] = "dpo"
     checkpoint: DPOCheckpoints = field(default_factory=DPOCheckpoints)
-    model: BaseModelSection = field(default_factory=BaseModelSection)
-    method: MethodSection = field(default_factory=MethodSection)
-    data: PreferenceDataConfig = field(default_factory=PreferenceDataConfig)
     dpo: DPOConfig = field(default_factory=DPOConfig)
 
     def __post_init__(self) -> None:
@@ -68,7 +74,7 @@ def build_job(cfg: DPORunConfig, procs: Processes) -> Job:
                adapter=adapter, base=str(cfg.model.path))
 
 
-def load_base_and_pairs(cfg: RunConfig, procs: Processes, kind: type[PreferenceExamples] = PreferenceExamples):
+def load_base_and_pairs(cfg: PreferenceRunConfig, procs: Processes, kind: type[PreferenceExamples] = PreferenceExamples):
     """What every preference method starts from (DPO, reward models): the base model, set to the data's chat format
     and with its method applied, its tokenizer, the method's adapter settings, and the encoded train/val pairs."""
     tokenizer = base_tokenizer(cfg.model)

@@ -11,12 +11,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar
 
-from llamakit.data.preference import PreferenceDataConfig, RewardExamples
+from llamakit.data.preference import RewardExamples
 from llamakit.errors import ConfigError
 from llamakit.model.reward import apply_reward_head
-from llamakit.train.config import CheckpointSection, RunConfig
-from llamakit.train.dpo import load_base_and_pairs
-from llamakit.train.finetune import BaseModelSection, MethodSection
+from llamakit.train.config import CheckpointSection
+from llamakit.train.dpo import PreferenceRunConfig, load_base_and_pairs
+from llamakit.train.finetune import MethodSection
 from llamakit.train.metrics import flops_per_token
 from llamakit.train.parallel import Processes
 from llamakit.train.preference import RewardConfig, RewardObjective
@@ -34,12 +34,10 @@ class RewardMethod(MethodSection):
 
 
 @dataclass
-class RewardRunConfig(RunConfig):
+class RewardRunConfig(PreferenceRunConfig):
     command: ClassVar[str] = "reward"
     checkpoint: RewardCheckpoints = field(default_factory=RewardCheckpoints)
-    model: BaseModelSection = field(default_factory=BaseModelSection)
     method: RewardMethod = field(default_factory=RewardMethod)
-    data: PreferenceDataConfig = field(default_factory=PreferenceDataConfig)
     reward: RewardConfig = field(default_factory=RewardConfig)
 
     def __post_init__(self) -> None:
