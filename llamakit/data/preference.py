@@ -8,6 +8,10 @@ Rows are read from JSON / JSON Lines (.gz) / Parquet files (data/sft_records.py)
 - trl's conversational form: "chosen" and "rejected" are message lists (with the prompt in front, or in "prompt").
 A row of the wrong shape is refused, named as file[index]; a row whose answers are empty, equal, or follow different
 prompts (a handful in HH-RLHF) is skipped and counted.
+
+Prompt-only data (PPO, rejection sampling) comes in the same forms: a row's prompt is its "prompt" / "messages" (a
+trailing assistant turn dropped), or the prompt of its preference pair. An optional boolean "safety" marks a
+safety prompt (Llama 2's reward rule).
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ from llamakit.data.sft_examples import IGNORE_INDEX
 from llamakit.data.sft_records import read_records
 from llamakit.errors import DataError
 from llamakit.tokenizer.base import Tokenizer
-from llamakit.tokenizer.chat import ChatFormatError, encode_exchanges
+from llamakit.tokenizer.chat import ChatFormatError, encode_dialog, encode_exchanges
 
 logger = logging.getLogger(__name__)
 # Llama 2 §3.2.2 (Table 28): the margin m(r) for each preference rating, small and large variants.
@@ -151,6 +155,57 @@ def _unusable(pair: PreferencePair | str) -> str | None:
     if not pair.prompt or pair.prompt[-1]["role"] != "user":
         return "the prompt does not end with a user turn"
     return None
+
+
+@dataclass
+class Prompt:
+    """A dialog ending in a user turn, to be answered; safety: a prompt from the safety set (Llama 2 §3.2.2)."""
+
+    messages: list[dict]
+    safety: bool = False
+
+
+def read_prompts(path: str | Path) -> tuple[list[Prompt], PreferenceReport]:
+    """Every usable prompt of a prompt-only or preference file, and what was skipped."""
+    report, prompts = PreferenceReport(), []
+    for index, row in enumerate(read_records(path)):
+        report.rows += 1
+        where = f"{path}[{index}]"
+        safety = row.get("safety", False)
+        if not isinstance(safety, bool):
+            raise DataError(f"{where}: 'safety' must be true or false, got {safety!r}")
+        if "chosen" in row or "rejected" in row:
+            pair = _parse(row, where, "large")
+            messages = pair if isinstance(pair, str) else pair.prompt
+        else:
+            messages = row.get("messages", row.get("prompt"))
+            if messages is None:
+                raise DataError(f"{where}: no prompt; give \"prompt\" (a string or messages), \"messages\", or a "
+                                "preference pair")
+            if isinstance(messages, str):
+                messages = [{"role": "user", "content": messages}]
+            _check_messages(messages, where, "the prompt")
+            if messages[-1]["role"] == "assistant":  # a chat example: answer its last user turn afresh
+                messages = messages[:-1]
+        if isinstance(messages, str):
+            report.skip(messages)
+        elif not messages or messages[-1]["role"] != "user" or not messages[-1]["content"].strip():
+            report.skip("the prompt does not end with a user turn")
+        else:
+            prompts.append(Prompt(messages, safety))
+    if not prompts:
+        raise DataError(f"{path}: no usable prompt among {report.rows} rows (skipped: {report.skipped})")
+    return prompts, report
+
+
+def encode_prompt(tokenizer: Tokenizer, prompt: Prompt, style: str | None, max_len: int) -> tuple[list[int], bool]:
+    """The prompt's ids as a chat model is prompted (the answer's header included), keeping its last max_len ids;
+    and whether it was truncated."""
+    try:
+        ids = encode_dialog(tokenizer, prompt.messages, style)
+    except ChatFormatError as e:
+        raise DataError(f"a prompt cannot be encoded: {e}") from None
+    return ids[-max_len:], len(ids) > max_len
 
 
 @dataclass

@@ -93,3 +93,29 @@ def test_batches_score_the_answers_only_and_mask_end_drops_the_end_token(llama2_
     assert scored == [pair.chosen, pair.rejected]  # chosen first, each answer's own ids, its end included
     masked = PreferenceExamples([pair], llama2_tok.pad_id, mask_end=True).batch([0])["labels"]
     assert [row[row != IGNORE_INDEX].tolist() for row in masked] == [pair.chosen[:-1], pair.rejected[:-1]]
+
+
+def test_prompts_read_from_every_form(tmp_path, assets, llama2_tok):
+    from llamakit.data.preference import encode_prompt, read_prompts
+
+    rows = [
+        {"prompt": "Hi?", "safety": True},
+        {"messages": [{"role": "user", "content": "Hi?"}, {"role": "assistant", "content": "Hello"},
+                      {"role": "user", "content": "Story?"}, {"role": "assistant", "content": "Once."}]},
+        {"prompt": "Why?", "chosen": "Because.", "rejected": "No."},
+        {"prompt": [{"role": "user", "content": "   "}]},
+    ]
+    prompts, report = read_prompts(_write(tmp_path, rows))
+    assert [p.messages[-1]["content"] for p in prompts] == ["Hi?", "Story?", "Why?"]
+    assert [p.safety for p in prompts] == [True, False, False] and len(prompts[1].messages) == 3
+    assert report.skipped == {"the prompt does not end with a user turn": 1}
+    hh, _ = read_prompts(assets / "preference" / "hh-rlhf_harmless-base_test.jsonl.gz")
+    assert hh[0].messages[0]["content"] == "what are some pranks with a pen i can do?"
+    ids, truncated = encode_prompt(llama2_tok, prompts[1], "llama2", 1000)
+    assert not truncated and llama2_tok.decode(ids).endswith("Story? [/INST]")
+    short, truncated = encode_prompt(llama2_tok, prompts[1], "llama2", 5)
+    assert truncated and short == ids[-5:]
+    with pytest.raises(DataError, match=r"\[0\]: 'safety' must be true or false"):
+        read_prompts(_write(tmp_path, [{"prompt": "x", "safety": "yes"}]))
+    with pytest.raises(DataError, match=r"\[0\]: no prompt"):
+        read_prompts(_write(tmp_path, [{"text": "x"}]))
