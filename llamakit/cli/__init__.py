@@ -19,16 +19,19 @@ from llamakit.cli.checkpoints import (
 from llamakit.cli.data import add_prepare, add_tokenizer, prepare, tokenizer_tools
 from llamakit.cli.evaluate import add_eval, evaluate
 from llamakit.cli.inference import add_chat, add_generate, chat, generate
+from llamakit.cli.rejection import add_rejection_sample, rejection_sample
 from llamakit.cli.serve import add_serve, serve
 from llamakit.cli.train import (
     add_dpo,
     add_finetune,
     add_merge,
+    add_ppo,
     add_pretrain,
     add_reward,
     dpo,
     finetune,
     merge,
+    ppo,
     pretrain,
     reward,
 )
@@ -49,7 +52,9 @@ COMMANDS = {  # name: (add arguments, run)
     "finetune": (add_finetune, finetune),
     "dpo": (add_dpo, dpo),
     "reward": (add_reward, reward),
+    "ppo": (add_ppo, ppo),
     "merge": (add_merge, merge),
+    "rejection-sample": (add_rejection_sample, rejection_sample),
     "eval": (add_eval, evaluate),
     "serve": (add_serve, serve),
 }

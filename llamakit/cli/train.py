@@ -1,4 +1,4 @@
-"""`llamakit pretrain`, `finetune`, `dpo`, `reward`, `merge`: train a model from a YAML config; fold an adapter in."""
+"""`llamakit pretrain`, `finetune`, `dpo`, `reward`, `ppo`, `merge`: train a model from a YAML config; fold an adapter in."""
 
 from __future__ import annotations
 
@@ -57,6 +57,18 @@ def reward(args: argparse.Namespace) -> None:
         print(f"reward model: {final}\n{_outputs(out)}")
 
 
+def ppo(args: argparse.Namespace) -> None:
+    """RLHF by PPO against a reward model (or a reward function), full or LoRA, from a YAML config; --resume
+    continues exactly."""
+    from llamakit.train.ppo import PPORunConfig
+    from llamakit.train.ppo import ppo as run
+
+    final, out = _train(args, PPORunConfig, run)
+    if final is not None:
+        kind = "adapter" if (final / "adapter_config.json").is_file() else "final model"
+        print(f"{kind}: {final}\n{_outputs(out)}")
+
+
 def _train(args: argparse.Namespace, kind: type, run):
     """Parse the config and its overrides, train; returns (final folder, run folder) on rank 0, else None."""
     from llamakit.train import parse_config
@@ -75,12 +87,14 @@ def _outputs(out: Path) -> str:
 
 
 def merge(args: argparse.Namespace) -> None:
-    """Fold a LoRA adapter into its base model and write a normal model folder."""
+    """Fold a LoRA adapter into its base model and write a normal model folder (a reward model's adapter, with its
+    score head: a whole reward model, in the llamakit or Hugging Face format)."""
     from llamakit.checkpoint import find_tokenizer, load_model, save_model
     from llamakit.checkpoint.io import check_separate
     from llamakit.checkpoint.peft import load_adapter
     from llamakit.errors import LlamakitError
     from llamakit.model.lora import merge_lora
+    from llamakit.model.reward import is_reward_model
 
     for source in (args.base, args.adapter):
         check_separate(source, args.output)
@@ -90,8 +104,15 @@ def merge(args: argparse.Namespace) -> None:
         raise LlamakitError(f"{args.adapter} is a {method}-tuning adapter: only LoRA updates fold into the weights; "
                             f"use it unmerged with --adapter {args.adapter}")
     tokenizer = args.tokenizer or find_tokenizer(args.base)
+    if is_reward_model(model) and args.to == "meta":
+        raise LlamakitError(f"{args.adapter} is a reward model's adapter: Meta's format has no score head; merge it "
+                            "--to llamakit or --to hf (LlamaForSequenceClassification)")
     save_model(merge_lora(model), args.output, args.to, tokenizer=tokenizer, dtype=args.dtype, overwrite=args.force)
-    print(f"wrote the merged model to {args.output}; try: llamakit chat --checkpoint {args.output}")
+    if is_reward_model(model):
+        print(f"wrote the merged reward model to {args.output}; load it with "
+              f"llamakit.checkpoint.load_reward_model({str(args.output)!r})")
+    else:
+        print(f"wrote the merged model to {args.output}; try: llamakit chat --checkpoint {args.output}")
 
 
 def _add_run_config(p: argparse.ArgumentParser, example: str) -> None:
@@ -117,6 +138,10 @@ def add_dpo(p: argparse.ArgumentParser) -> None:
 
 def add_reward(p: argparse.ArgumentParser) -> None:
     _add_run_config(p, "configs/reward/tiny-reward.yaml")
+
+
+def add_ppo(p: argparse.ArgumentParser) -> None:
+    _add_run_config(p, "configs/ppo/tiny-ppo.yaml")
 
 
 def add_merge(p: argparse.ArgumentParser) -> None:

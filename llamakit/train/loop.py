@@ -42,6 +42,8 @@ class LoopSettings:
 class LoopData:
     train_step: Callable[[int], list[Batch]]  # this process's micro-batches of optimizer step `step`
     val_batches: list[Batch]  # this process's share of the validation set (the same at every evaluation)
+    # The data's own numbers about step `step`'s batches (PPO: the statistics of the rollout they come from).
+    step_metrics: Callable[[int], dict[str, float]] | None = None
 
 
 def train(model: nn.Module, objective: Objective, optimizer: torch.optim.Optimizer, schedule: Callable[[int], float],
@@ -62,7 +64,8 @@ def train(model: nn.Module, objective: Objective, optimizer: torch.optim.Optimiz
         state.step += 1
         state.tokens_seen += int(tokens)
         seconds = time.perf_counter() - start
-        values = {**means, "lr": lr, "grad_norm": grad_norm, "tokens_per_s": tokens / seconds,
+        own = data.step_metrics(state.step - 1) if data.step_metrics is not None else {}
+        values = {**own, **means, "lr": lr, "grad_norm": grad_norm, "tokens_per_s": tokens / seconds,
                   "tokens_seen": state.tokens_seen}
         if settings.peak_flops:
             values["mfu"] = tokens * settings.flops_per_token / seconds / (settings.peak_flops * settings.world_size)

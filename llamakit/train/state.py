@@ -78,11 +78,15 @@ class Checkpointer:
         if not self.procs.is_main:
             return
         with atomic_directory(folder, overwrite=overwrite) as tmp:
-            if self.adapter is not None:
-                write_adapter(tmp, inner, self.adapter, weights, self.base)
-            else:
-                write_native(tmp, inner.config, {k: v.contiguous() for k, v in weights.items()}, self.tokenizer,
-                             [t.to_dict() for t in applied(inner)])  # e.g. a reward model's head: loads as one
+            for sub, prefix, part in parts(inner)[:1 if state is None else None]:  # final/: the first part only
+                own = {k[len(prefix):]: v for k, v in weights.items() if k.startswith(prefix)}
+                target = tmp / sub
+                target.mkdir(exist_ok=True)
+                if self.adapter is not None and not sub:
+                    write_adapter(target, part, self.adapter, own, self.base)
+                else:
+                    write_native(target, part.config, {k: v.contiguous() for k, v in own.items()}, self.tokenizer,
+                                 [t.to_dict() for t in applied(part)])  # e.g. a reward model's head: loads as one
             (tmp / "train_config.yaml").write_text(self.config_yaml)
             if state is not None:
                 torch.save(optim_state, tmp / "optimizer.pt")
@@ -94,10 +98,13 @@ class Checkpointer:
         """Restore weights, optimizer, scaler and RNG from step-N/ (every process reads the files)."""
         inner = unwrap(model)
         try:
-            if self.adapter is not None:
-                weights = read_adapter_weights(folder, inner)
-            else:
-                _, weights = read_checkpoint(folder)  # our own names (the files use Hugging Face's)
+            weights = {}
+            for sub, prefix, part in parts(inner):
+                if self.adapter is not None and not sub:
+                    own = read_adapter_weights(folder, part)
+                else:
+                    _, own = read_checkpoint(folder / sub)  # our own names (the files use Hugging Face's)
+                weights.update({prefix + k: v for k, v in own.items()})
             optim_state = torch.load(folder / "optimizer.pt", map_location="cpu", weights_only=True)
             trainer = torch.load(folder / "trainer.pt", map_location="cpu", weights_only=True)
         except CheckpointError:
@@ -117,6 +124,11 @@ class Checkpointer:
         _set_rng_states(trainer["rng"])
         return TrainState(step=int(trainer["step"]), tokens_seen=int(trainer["tokens_seen"]))
 
+
+def parts(model: nn.Module) -> list[tuple[str, str, nn.Module]]:
+    """What a checkpoint of model holds, as (sub-folder, state-dict prefix, module): the model itself, or the parts
+    of a model made of several (PPO's policy and value model; final/ holds the first only)."""
+    return model.checkpoint_parts() if hasattr(model, "checkpoint_parts") else [("", "", model)]
 
 
 def step_dirs(out_dir: Path) -> list[Path]:
