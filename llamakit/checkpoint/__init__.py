@@ -6,9 +6,10 @@ from llamakit.checkpoint.load import (
                                       load_checkpoint,
                                       load_config,
                                       load_model,
+                                      load_reward_model,
                                       read_checkpoint,
 )
 from llamakit.checkpoint.save import FORMATS, save_model
 
 __all__ = ["FORMATS", "detect_format", "find_tokenizer", "load_checkpoint", "load_config", "load_model",
-           "read_checkpoint", "save_model"]
+           "load_reward_model", "read_checkpoint", "save_model"]

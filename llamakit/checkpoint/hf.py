@@ -20,6 +20,7 @@ from llamakit.model.config import ModelConfig, RopeScaling
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 PICKLE_INDEX = "pytorch_model.bin.index.json"
 IGNORED_KEYS = ("rotary_emb.inv_freq",)  # a buffer some old exports saved; recomputed by us
+SCORER = "LlamaForSequenceClassification"  # with one label: a reward model, its score.weight our ScoreHead's
 
 
 def config_from_hf(hf: dict, where: Path) -> ModelConfig:
@@ -44,6 +45,17 @@ def config_from_hf(hf: dict, where: Path) -> ModelConfig:
     if hf.get("head_dim") not in (None, config.head_dim):
         raise CheckpointError(f"{where}: head_dim={hf['head_dim']} differs from hidden_size/num_attention_heads")
     return config
+
+
+def is_reward_config(hf: dict, where: Path) -> bool:
+    """Whether a config.json describes a reward model: LlamaForSequenceClassification with one label."""
+    if SCORER not in (hf.get("architectures") or []):
+        return False
+    labels = len(hf["id2label"]) if hf.get("id2label") else hf.get("num_labels", 2)  # transformers' default: 2
+    if labels != 1:
+        raise CheckpointError(f"{where}: a {SCORER} with {labels} labels; llamakit loads only one-label ones "
+                              "(reward models: one score per sequence)")
+    return True
 
 
 def _rope_scaling_from_hf(rope: dict, where: Path) -> dict:
@@ -84,6 +96,8 @@ def read_hf_state(folder: Path, config: ModelConfig) -> Iterator[tuple[str, torc
                 continue
             if hf_name == "lm_head.weight" and config.tie_word_embeddings:
                 continue  # some tied exports store the shared matrix twice
+            if hf_name == "score.weight":  # a reward model's head, our lm_head once the reward head is swapped in
+                hf_name = "lm_head.weight"
             yield hf_name.removeprefix("model."), tensor
 
 

@@ -9,11 +9,12 @@ import torch
 
 from llamakit.checkpoint import hf, llama2c, meta
 from llamakit.checkpoint.io import check_state_dict, read_json
-from llamakit.checkpoint.peft import load_adapter
+from llamakit.checkpoint.peft import is_reward_adapter, load_adapter
 from llamakit.checkpoint.transforms import Transform, apply_transforms, from_records, owned_dtypes
 from llamakit.errors import CheckpointError, ConfigError
 from llamakit.model.config import ModelConfig, resolve_dtype
 from llamakit.model.llama import Transformer
+from llamakit.model.reward import RewardHead, is_reward_model
 from llamakit.tokenizer import TOKENIZER_FILES, Tokenizer, check_vocab, load_tokenizer
 
 NATIVE_KEY = "llamakit"  # config.json block that marks (and exactly describes) our own format
@@ -119,10 +120,31 @@ def load_model(path: str | Path, dtype: torch.dtype | str | None = None, device:
 
 
 def _recorded_transforms(path: Path) -> list[Transform]:
-    """The transforms a llamakit folder's config.json records (other formats record none)."""
-    if detect_format(path) != "llamakit":
+    """The transforms a llamakit folder's config.json records; a Hugging Face reward model (one-label
+    LlamaForSequenceClassification) is the reward head's; other formats record none."""
+    fmt = detect_format(path)
+    if fmt == "hf":
+        return [RewardHead()] if hf.is_reward_config(read_json(path / "config.json"), path / "config.json") else []
+    if fmt != "llamakit":
         return []
     return from_records(read_json(path / "config.json")[NATIVE_KEY].get("transforms", []), path / "config.json")
+
+
+def load_reward_model(path: str | Path, adapter: str | Path | None = None, dtype: torch.dtype | str | None = None,
+                      device: torch.device | str = "cpu") -> Transformer:
+    """A reward model in eval mode, returning (B, T, 1) scores (model/reward.py): a whole one (`llamakit reward`
+    with method full, or Hugging Face's one-label LlamaForSequenceClassification), or the base it was trained from
+    plus its adapter (method lora, or any PEFT SEQ_CLS LoRA adapter: the LoRA weights and the score head)."""
+    if adapter is not None and not is_reward_adapter(adapter):
+        raise CheckpointError(f"{adapter}: a language model's adapter, not a reward model's (its task_type is not "
+                              "SEQ_CLS); pass the final/ of `llamakit reward` with method.name lora")
+    model = load_model(path, dtype=dtype, device=device)
+    if adapter is not None:
+        load_adapter(model, adapter)
+    if not is_reward_model(model):
+        raise CheckpointError(f"{path}: a language model, not a reward model; pass the final/ of `llamakit reward`, "
+                              "or the base model with the reward adapter it was trained with (adapter=...)")
+    return model
 
 
 def find_tokenizer(path: str | Path) -> Path | None:

@@ -5,6 +5,10 @@ adapters PEFT wrote. LoRA keys are our module names under `base_model.model.mode
 tuning store one `prompt_embeddings` matrix. The safetensors metadata records the base's shape, so an
 adapter cannot be loaded onto a different model by mistake, and the prompt format it was tuned with (alpaca,
 llama2, llama3), so chat prompts as it learned.
+
+A reward model's LoRA adapter is PEFT's sequence classification (task_type SEQ_CLS, for
+LlamaForSequenceClassification): the new score head (our lm_head, a ScoreHead) trains whole and is saved beside the
+LoRA weights as `base_model.model.score.weight` (modules_to_save ["score"]); loading it makes a reward model.
 """
 
 from __future__ import annotations
@@ -24,11 +28,14 @@ from llamakit.model.config import CHAT_FORMATS
 from llamakit.model.llama import apply_rope, rope_cos_sin
 from llamakit.model.lora import LoRAConfig, apply_lora, lora_modules
 from llamakit.model.prefix import PrefixConfig, PrefixKV, apply_prefix_tuning, apply_prompt_tuning
+from llamakit.model.reward import apply_reward_head, is_reward_model
 
 CONFIG, WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
 LORA_PREFIX = "base_model.model.model."  # PeftModel > LlamaForCausalLM > LlamaModel
 BASE_FIELDS = ("dim", "n_layers", "n_heads", "n_kv_heads", "hidden_dim", "vocab_size")
 METHODS = {"LORA": "lora", "PREFIX_TUNING": "prefix", "PROMPT_TUNING": "prompt"}
+HEAD, SCORE = "lm_head.weight", "base_model.model.score.weight"  # a reward model's head: ours, PEFT's (SEQ_CLS)
+CLASSIFIER_MODULES = {"score", "classifier"}  # PEFT's SEQ_CLS modules_to_save: each architecture's head name
 CHAT_FORMAT = "llamakit_chat_format"  # metadata: the model's chat_format while it was tuned (llama2, llama3, alpaca)
 
 
@@ -65,13 +72,18 @@ def write_adapter(folder: Path, model: Transformer, method_cfg: LoRAConfig | Pre
 
 
 def _peft_config(model: Transformer, method: str | None, cfg, base: str | None) -> dict:
-    common = {"task_type": "CAUSAL_LM", "inference_mode": True, "base_model_name_or_path": base, "revision": None}
+    scorer = is_reward_model(model)
+    if scorer and method != "lora":
+        raise CheckpointError(f"a reward model's adapter must be LoRA (saved with its score head), not {method}")
+    common = {"task_type": "SEQ_CLS" if scorer else "CAUSAL_LM", "inference_mode": True,
+              "base_model_name_or_path": base, "revision": None}
     c = model.config
     if method == "lora":
         return {**common, "peft_type": "LORA", "r": cfg.rank, "lora_alpha": cfg.alpha, "lora_dropout": cfg.dropout,
                 "target_modules": sorted(cfg.targets), "bias": "none", "fan_in_fan_out": False,
-                "modules_to_save": None, "init_lora_weights": True, "use_rslora": False, "use_dora": False,
-                "layers_to_transform": None, "layers_pattern": None, "rank_pattern": {}, "alpha_pattern": {}}
+                "modules_to_save": ["score"] if scorer else None, "init_lora_weights": True, "use_rslora": False,
+                "use_dora": False, "layers_to_transform": None, "layers_pattern": None, "rank_pattern": {},
+                "alpha_pattern": {}}
     prompt = {"num_virtual_tokens": cfg.num_virtual_tokens, "num_transformer_submodules": 1, "num_layers": c.n_layers}
     if method == "prompt":
         return {**common, **prompt, "peft_type": "PROMPT_TUNING", "token_dim": c.dim,
@@ -90,22 +102,24 @@ def _base(model: Transformer) -> dict:
 
 
 def adapter_params(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The adapter's own tensors under our module names (the frozen base excluded)."""
-    return {name: p for name, p in model.named_parameters() if _is_adapter(name)}
+    """The adapter's own tensors under our module names (the frozen base excluded; a reward model's head included)."""
+    head = is_reward_model(model)
+    return {name: p for name, p in model.named_parameters() if _is_adapter(name, head)}
 
 
-def _is_adapter(name: str) -> bool:
-    return ".lora_" in name or name.startswith("soft_prompt.") or ".prefix." in name
+def _is_adapter(name: str, head: bool) -> bool:
+    return ".lora_" in name or name.startswith("soft_prompt.") or ".prefix." in name or (head and name == HEAD)
 
 
 def to_peft(state: dict[str, torch.Tensor], model: Transformer) -> dict[str, torch.Tensor]:
     """Adapter tensors under our names -> PEFT's names (what adapter_model.safetensors holds)."""
-    state = {k: v for k, v in state.items() if _is_adapter(k)}
+    head = is_reward_model(model)
+    state = {k: v for k, v in state.items() if _is_adapter(k, head)}
     if "soft_prompt.embedding" in state:
         return {"prompt_embeddings": state["soft_prompt.embedding"]}
     if any(".prefix." in k for k in state):
         return {"prompt_embeddings": _prefix_to_peft(model, state)}
-    return {LORA_PREFIX + k: v for k, v in state.items()}
+    return {(SCORE if k == HEAD else LORA_PREFIX + k): v for k, v in state.items()}
 
 
 def from_peft(state: dict[str, torch.Tensor], model: Transformer) -> dict[str, torch.Tensor]:
@@ -115,7 +129,7 @@ def from_peft(state: dict[str, torch.Tensor], model: Transformer) -> dict[str, t
         return {"soft_prompt.embedding": state["prompt_embeddings"]}
     if method == "prefix":
         return _prefix_from_peft(model, state["prompt_embeddings"].float())
-    return {k.removeprefix(LORA_PREFIX): v for k, v in state.items()}
+    return {(HEAD if k == SCORE else k.removeprefix(LORA_PREFIX)): v for k, v in state.items()}
 
 
 def _rotation(model: Transformer, position: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -152,7 +166,8 @@ def _prefix_from_peft(model: Transformer, matrix: torch.Tensor) -> dict[str, tor
 
 def load_adapter(model: Transformer, folder: str | Path) -> str:
     """Apply the adapter in folder (PEFT format) to model, in eval mode, with the chat format it was tuned with
-    (when recorded) as the model's; returns lora, prefix or prompt."""
+    (when recorded) as the model's; returns lora, prefix or prompt. A reward adapter (SEQ_CLS) also swaps in the
+    score head it carries: the model becomes a reward model."""
     folder = Path(folder)
     config = _read_config(folder)
     state, base, chat_format = _read_weights(folder)
@@ -161,6 +176,8 @@ def load_adapter(model: Transformer, folder: str | Path) -> str:
         raise CheckpointError(f"{folder}: this adapter was trained on a different base model ({diff}); load it "
                               "onto the model it was trained from")
     method = METHODS[config["peft_type"]]
+    if config.get("task_type") == "SEQ_CLS" and not is_reward_model(model):
+        apply_reward_head(model)  # before LoRA, which freezes it; the adapter's score weights replace its init
     _apply(model, method, config, folder)
     with torch.no_grad():
         model.load_state_dict(read_adapter_weights(folder, model), strict=False)
@@ -179,6 +196,11 @@ def read_adapter_config(folder: str | Path) -> LoRAConfig | PrefixConfig:
     return PrefixConfig(num_virtual_tokens=config["num_virtual_tokens"])
 
 
+def is_reward_adapter(folder: str | Path) -> bool:
+    """Whether the adapter folder holds a reward model's adapter (PEFT's SEQ_CLS: LoRA and a score head)."""
+    return _read_config(Path(folder)).get("task_type") == "SEQ_CLS"
+
+
 def _read_config(folder: Path) -> dict:
     if not (folder / CONFIG).is_file():
         raise CheckpointError(f"{folder}: no {CONFIG}; --adapter takes a folder written by `llamakit finetune` "
@@ -188,8 +210,14 @@ def _read_config(folder: Path) -> dict:
     if kind not in METHODS:
         raise CheckpointError(f"{folder}: peft_type {kind!r} is not supported; llamakit loads "
                               f"{', '.join(METHODS)} adapters")
-    unsupported = [k for k in ("use_dora", "use_rslora", "layers_to_transform", "modules_to_save", "prefix_projection")
-                   if config.get(k)]
+    seq_cls = config.get("task_type") == "SEQ_CLS"
+    if seq_cls and kind != "LORA":
+        raise CheckpointError(f"{folder}: a {kind} sequence-classification adapter is not supported; llamakit's "
+                              "reward adapters are LoRA (with the score head)")
+    # A SEQ_CLS adapter saves its head whole (modules_to_save); any other module saved whole is not supported.
+    saved = set(config.get("modules_to_save") or ()) - (CLASSIFIER_MODULES if seq_cls else set())
+    unsupported = [k for k in ("use_dora", "use_rslora", "layers_to_transform", "prefix_projection") if config.get(k)]
+    unsupported += [f"modules_to_save {sorted(saved)}"] if saved else []
     if unsupported or (kind == "LORA" and not isinstance(config.get("target_modules"), list)):
         what = ", ".join(unsupported) or "target_modules given as a pattern"
         raise CheckpointError(f"{folder}: {what} is not supported; use a plain adapter (or merge it with PEFT)")
@@ -227,6 +255,9 @@ def read_adapter_weights(folder: str | Path, model: Transformer) -> dict[str, to
     """The adapter tensors in folder under our names, checked against the adapter model already carries."""
     folder = Path(folder)
     state, _, _ = _read_weights(folder)
+    if SCORE in state and state[SCORE].size(0) != 1:
+        raise CheckpointError(f"{folder}: its score head has {state[SCORE].size(0)} outputs, a classifier's; a "
+                              "reward model gives one score (num_labels=1)")
     # Plain tensors of the global shapes: the parameters may be FSDP shards on another device.
     expected = to_peft({k: torch.zeros(v.shape) for k, v in adapter_params(model).items()}, model)
     missing, unexpected = sorted(expected.keys() - state.keys()), sorted(state.keys() - expected.keys())

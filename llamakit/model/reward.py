@@ -1,7 +1,9 @@
 """A reward model from a language model, by module swap: the output head becomes one score per position.
 
 The score of a sequence is the head's output at its last token (Llama 2 §3.2.2, InstructGPT). Swapped in as a
-registered transform, so a trained reward model saved in the llamakit format records it and loads as one.
+registered transform, so a trained reward model saved in the llamakit format records it and loads as one. A LoRA
+reward model trains the new head fully beside the adapter and saves it with the adapter, as PEFT's sequence
+classification does (checkpoint/peft.py).
 """
 
 from __future__ import annotations
@@ -47,6 +49,11 @@ class RewardHead(Transform):
 
 def apply_reward_head(model: Transformer) -> Transformer:
     return apply_transforms(model, [RewardHead()])
+
+
+def is_reward_model(model: nn.Module) -> bool:
+    """Whether the model's output head is a ScoreHead (one score per position) rather than a language model's."""
+    return isinstance(getattr(model, "lm_head", None), ScoreHead)
 
 
 def scores(model: Transformer, input_ids: torch.Tensor, last: torch.Tensor) -> torch.Tensor:

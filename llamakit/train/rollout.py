@@ -88,6 +88,27 @@ def response_batch(ids: list[list[int]], prompt_lens: list[int], pad_id: int,
     return batch
 
 
+@torch.no_grad()
+def sample_responses(policy: Transformer, cache: KVCache, prompts: list[list[int]], params: list[SamplingParams],
+                     max_new_tokens: int, stop_ids: frozenset[int]) -> tuple[list[list[int]], list[bool]]:
+    """Each prompt's response, sampled together on the engine (a finished row leaves the batch at once), with the
+    stop id that ended it; and whether it ended before max_new_tokens."""
+    decoder = Decoder(policy, cache)
+    out: dict[object, list[int]] = {}
+    try:
+        requests = decoder.add(prompts, params, [max_new_tokens] * len(prompts))
+        out = {r: [] for r in requests}
+        while decoder.live:
+            for token in decoder.step():
+                out[token.request].append(token.id)
+                if token.id in stop_ids or len(out[token.request]) == max_new_tokens:
+                    decoder.finish(token.request)
+    finally:
+        decoder.close()
+    responses = [out[r] for r in requests]
+    return responses, [bool(r) and r[-1] in stop_ids for r in responses]
+
+
 class RolloutSteps:
     """LoopData for PPO: each optimizer step's micro-batches (train_step) and its rollout's statistics."""
 
@@ -154,26 +175,12 @@ class RolloutSteps:
         return int(np.random.default_rng([self.s.seed, k, position]).integers(2**62))
 
     def _sample(self, prompts: list[list[int]], seeds: list[int]) -> tuple[list[list[int]], list[bool]]:
-        """Each prompt's response (its stop id included when it ended), sampled in one batch on the policy."""
         policy = self.model.policy
         longest = max(len(p) for p in prompts) + self.s.max_new_tokens
         if self.cache is None or self.cache.max_slots < len(prompts) or self.cache.max_seq_len < longest:
             self.cache = KVCache.for_model(policy, len(prompts), longest)
         params = [SamplingParams(temperature=self.s.temperature, top_p=1.0, seed=seed) for seed in seeds]
-        decoder = Decoder(policy, self.cache)
-        out: dict[object, list[int]] = {}
-        try:
-            requests = decoder.add(prompts, params, [self.s.max_new_tokens] * len(prompts))
-            out = {r: [] for r in requests}
-            while decoder.live:
-                for token in decoder.step():
-                    out[token.request].append(token.id)
-                    if token.id in self.stop_ids or len(out[token.request]) == self.s.max_new_tokens:
-                        decoder.finish(token.request)
-        finally:
-            decoder.close()
-        responses = [out[r] for r in requests]
-        return responses, [bool(r) and r[-1] in self.stop_ids for r in responses]
+        return sample_responses(policy, self.cache, prompts, params, self.s.max_new_tokens, self.stop_ids)
 
     def _score_tokens(self, ids: list[list[int]], prompt_lens: list[int]):
         """The rollout policy's and the reference's log p of each response token, and the value model's values."""
