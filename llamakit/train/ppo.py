@@ -22,7 +22,7 @@ from llamakit.data import TokenShards
 from llamakit.data.preference import encode_prompt, read_prompts
 from llamakit.errors import ConfigError
 from llamakit.generate.chat import chat_style
-from llamakit.model.reward import apply_reward_head
+from llamakit.model.reward import apply_reward_head, is_reward_model
 from llamakit.tokenizer import check_vocab
 from llamakit.tokenizer.chat import stop_ids_for
 from llamakit.train.batches import EpochOrder, PackedWindows
@@ -172,15 +172,15 @@ def build_job(cfg: PPORunConfig, procs: Processes) -> Job:
 
 def _value_model(cfg: PPORunConfig, procs: Processes) -> torch.nn.Module:
     """The value model, trained fully: the reward model's weights (InstructGPT, Llama 2), else the policy's with a
-    new scalar head."""
+    new scalar head that starts at zero."""
     path = cfg.ppo.value_model or cfg.ppo.reward_model
     if path is not None:
         value = load_model(path, dtype=torch.float32, device=procs.device)
-        if value.lm_head.out_features != 1:
-            raise ConfigError(f"{path} is a language model, not a reward model (its head has "
-                              f"{value.lm_head.out_features} outputs); train one with `llamakit reward`")
-    else:
+        if not is_reward_model(value):
+            raise ConfigError(f"{path} is a language model, not a reward model; train one with `llamakit reward`")
+    else:  # a zero head: values start at 0, so early advantages are the rewards themselves, not a random head's noise
         value = apply_reward_head(load_model(cfg.model.path, dtype=torch.float32, device=procs.device))
+        torch.nn.init.zeros_(value.lm_head.weight)
     return value.train().requires_grad_(True)
 
 
