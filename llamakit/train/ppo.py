@@ -2,9 +2,10 @@
 verifiable reward function, on the one training loop.
 
 The trained model is an ActorCritic: the policy (full, or LoRA on the SFT model) and a value model initialised from
-the reward model, under one optimizer. Rollouts (train/rollout.py) are sampled with the inference engine; the
+the reward model (trained the same way: fully, or LoRA plus its score head), under one optimizer. Rollouts (train/rollout.py) are sampled with the inference engine; the
 reference is a frozen copy of the starting policy, or, for LoRA, the policy with its adapter disabled (no memory).
-final/ holds the policy alone: a model folder (full) or a PEFT adapter (lora); step-N/ adds value/ for resuming.
+final/ holds the policy alone: a model folder (full) or a PEFT adapter (lora); step-N/ adds value/ for resuming (for
+lora, a PEFT sequence-classification adapter of the reward model).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from llamakit.data import TokenShards
 from llamakit.data.preference import encode_prompt, read_prompts
 from llamakit.errors import ConfigError
 from llamakit.generate.chat import chat_style
+from llamakit.model.lora import apply_lora
 from llamakit.model.reward import apply_reward_head, is_reward_model
 from llamakit.tokenizer import check_vocab
 from llamakit.tokenizer.chat import stop_ids_for
@@ -171,8 +173,8 @@ def build_job(cfg: PPORunConfig, procs: Processes) -> Job:
 
 
 def _value_model(cfg: PPORunConfig, procs: Processes) -> torch.nn.Module:
-    """The value model, trained fully: the reward model's weights (InstructGPT, Llama 2), else the policy's with a
-    new scalar head that starts at zero."""
+    """The value model: the reward model's weights (InstructGPT, Llama 2), else the policy's with a new scalar head
+    that starts at zero; trained like the policy (fully, or LoRA plus the head)."""
     path = cfg.ppo.value_model or cfg.ppo.reward_model
     if path is not None:
         value = load_model(path, dtype=torch.float32, device=procs.device)
@@ -181,6 +183,10 @@ def _value_model(cfg: PPORunConfig, procs: Processes) -> torch.nn.Module:
     else:  # a zero head: values start at 0, so early advantages are the rewards themselves, not a random head's noise
         value = apply_reward_head(load_model(cfg.model.path, dtype=torch.float32, device=procs.device))
         torch.nn.init.zeros_(value.lm_head.weight)
+    if cfg.method.name == "lora":  # the same LoRA as the policy, and the head: the value model costs no more
+        apply_lora(value, cfg.method.lora)
+        value.lm_head.requires_grad_(True)
+        return value.train()
     return value.train().requires_grad_(True)
 
 

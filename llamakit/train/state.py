@@ -82,8 +82,8 @@ class Checkpointer:
                 own = {k[len(prefix):]: v for k, v in weights.items() if k.startswith(prefix)}
                 target = tmp / sub
                 target.mkdir(exist_ok=True)
-                if self.adapter is not None and not sub:
-                    write_adapter(target, part, self.adapter, own, self.base)
+                if self.adapter is not None:
+                    write_adapter(target, part, self.adapter, own, None if sub else self.base)
                 else:
                     write_native(target, part.config, {k: v.contiguous() for k, v in own.items()}, self.tokenizer,
                                  [t.to_dict() for t in applied(part)])  # e.g. a reward model's head: loads as one
@@ -100,8 +100,8 @@ class Checkpointer:
         try:
             weights = {}
             for sub, prefix, part in parts(inner):
-                if self.adapter is not None and not sub:
-                    own = read_adapter_weights(folder, part)
+                if self.adapter is not None:
+                    own = read_adapter_weights(folder / sub, part)
                 else:
                     _, own = read_checkpoint(folder / sub)  # our own names (the files use Hugging Face's)
                 weights.update({prefix + k: v for k, v in own.items()})

@@ -104,7 +104,9 @@ def test_a_verifiable_reward_rises_while_the_kl_stays_bounded(assets, tmp_path, 
     for name in ("entropy", "clip_fraction", "value_loss", "policy_loss", "response_length", "rollout_tokens_per_s"):
         assert all(math.isfinite(r[name]) for r in rows), name
     assert rows[0]["clip_fraction"] == 0 and max(r["clip_fraction"] for r in rows) > 0
-    assert (final / "adapter_config.json").is_file() and (out / "step-24" / "value" / "config.json").is_file()
+    assert (final / "adapter_config.json").is_file()
+    value = json.loads((out / "step-24" / "value" / "adapter_config.json").read_text())  # LoRA + the value head
+    assert value["task_type"] == "SEQ_CLS" and value["modules_to_save"] == ["score"]
 
 
 @pytest.fixture(scope="module")
@@ -146,7 +148,7 @@ def _command(assets, out, *overrides):
 
 
 def test_a_killed_run_resumes_exactly(assets, tmp_path):
-    args = ("--method.name", "full", "--optim.lr", "1e-3", "--train.max_steps", "8", "--checkpoint.every", "4")
+    args = ("--train.max_steps", "8", "--checkpoint.every", "4")  # LoRA: policy and value adapters resume
     whole, broken = tmp_path / "whole", tmp_path / "broken"
     subprocess.run(_command(assets, whole, *args), env=ENV, check=True, capture_output=True)
     kill_when_exists(_command(assets, broken, *args), broken / "step-4", ENV)
