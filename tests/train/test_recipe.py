@@ -136,3 +136,24 @@ def test_a_step_holds_the_same_samples_whatever_the_process_count(world_size):
     assert len({sum(len(b["input_ids"]) for b in part) for part in val}) == 1
     with pytest.raises(DataError, match="fewer than the 8 processes"):
         eval_batches(PackedWindows(Stream(64 * 5 + 1), seq_len=64), 3, 2, 0, 8)
+
+
+def test_alignment_presets_load_and_match_the_papers():
+    from llamakit.train.dpo import DPORunConfig
+    from llamakit.train.ppo import PPORunConfig
+    from llamakit.train.reward import RewardRunConfig
+
+    root = CONFIGS.parent
+    rm = parse_config(root / "reward" / "llama2-7b-reward.yaml", kind=RewardRunConfig)  # Llama 2 §3.2.2
+    assert (rm.optim.lr, rm.train.batch_size, rm.optim.min_lr_ratio, rm.reward.use_margins) == (1e-5, 512, 0.1, True)
+    dpo = parse_config(root / "dpo" / "llama3-8b-dpo.yaml", kind=DPORunConfig)  # Llama 3 §4.1.4
+    assert (dpo.dpo.beta, dpo.optim.lr, dpo.dpo.nll_weight, dpo.data.mask_end) == (0.1, 1e-5, 0.2, True)
+    ppo = parse_config(root / "ppo" / "llama2-7b-ppo.yaml", kind=PPORunConfig)  # Llama 2 §3.2.3
+    p = ppo.ppo
+    assert (p.kl_coef, p.clip, p.safety_threshold, p.whiten_scores, p.rollout_batch_size) == (0.01, 0.2, 0.15, True, 512)
+    assert (ppo.train.batch_size, ppo.optim.betas, ppo.optim.weight_decay, ppo.optim.grad_clip) == (64, (0.9, 0.95),
+                                                                                                     0.1, 1.0)
+    for tiny, kind, extra in (("dpo/tiny-dpo", DPORunConfig, []), ("reward/tiny-reward", RewardRunConfig, []),
+                              ("reward/tiny-reward-lora", RewardRunConfig, []),
+                              ("ppo/tiny-ppo", PPORunConfig, ["--ppo.reward_function", "my_rewards:score"])):
+        assert parse_config(root / f"{tiny}.yaml", extra, kind).train.max_steps <= 60
