@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import logging
 import sys
 from pathlib import Path
 
@@ -34,6 +35,7 @@ from llamakit.train.rewards import RewardModel
 from llamakit.train.rl import token_logprobs
 from llamakit.train.rollout import response_batch, sample_responses
 
+log = logging.getLogger(__name__)
 SPLITS = {"rm_train": 0.44, "rm_judge": 0.44, "heldout": 0.12}  # fractions of the prompts
 
 
@@ -106,16 +108,17 @@ def sample_answers(policy: Transformer, tokenizer, prompts: list, max_new_tokens
 def sequence_kl(policy: Transformer, reference: Transformer, prompts: list[list[int]], responses: list[list[int]],
                 pad_id: int, temperature: float = 1.0, batch_size: int = 32) -> torch.Tensor:
     """Each answer's Σ_t [log π(a_t) − log π_ref(a_t)] over its response tokens (N,)."""
-    out = []
-    for b0 in range(0, len(prompts), batch_size):
-        ids = [p + r for p, r in zip(prompts[b0:b0 + batch_size], responses[b0:b0 + batch_size])]
-        batch = response_batch(ids, [len(p) for p in prompts[b0:b0 + batch_size]], pad_id)
-        tokens, labels = batch["input_ids"], batch["labels"]  # (B, T)
-        device = policy.embed_tokens.weight.device
-        lp, _ = token_logprobs(policy(tokens.to(device)), labels.to(device), temperature)  # (B, T), 0 off-response
-        ref, _ = token_logprobs(reference(tokens.to(device)), labels.to(device), temperature)
-        out.append((lp - ref).sum(-1).cpu())  # (B,)
-    return torch.cat(out) if out else torch.zeros(0)
+    out = torch.zeros(len(prompts))
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]) + len(responses[i]))  # little padding
+    device = policy.embed_tokens.weight.device
+    for b0 in range(0, len(order), batch_size):
+        rows = order[b0:b0 + batch_size]
+        batch = response_batch([prompts[i] + responses[i] for i in rows], [len(prompts[i]) for i in rows], pad_id)
+        tokens, labels = batch["input_ids"].to(device), batch["labels"].to(device)  # (B, T)
+        lp, _ = token_logprobs(policy(tokens), labels, temperature)  # (B, T), 0 off the response
+        ref, _ = token_logprobs(reference(tokens), labels, temperature)
+        out[rows] = (lp - ref).sum(-1).float().cpu()  # (B,)
+    return out
 
 
 def pairwise_accuracy(rm: RewardModel, pairs: list[PreferencePair]) -> float:
@@ -148,6 +151,7 @@ def report(args: argparse.Namespace) -> dict:
     """Sample, score and compare every policy; the numbers behind the table."""
     judge, train_rm = RewardModel.load(args.judge, args.device), RewardModel.load(args.train_rm, args.device)
     pairs = read_pairs(args.pairs or args.prompts)[0][:args.max_pairs]
+    log.info("scoring %d held-out pairs with each reward model", len(pairs))
     accuracy = {"judge": pairwise_accuracy(judge, pairs), "train_rm": pairwise_accuracy(train_rm, pairs)}
     prompts = read_prompts(args.prompts)[0][:args.max_prompts]
     dialogs = [p.messages for p in prompts]
@@ -155,10 +159,12 @@ def report(args: argparse.Namespace) -> dict:
     rows = {}
     for name, path in [("SFT", args.sft), *(spec.split("=", 1) for spec in args.policy)]:
         policy = sft if path == args.sft else load_policy(args.sft, path, args.device)[0]
+        log.info("%s: sampling and scoring %d answers", name, len(prompts))
         answers = sample_answers(policy, tokenizer, prompts, args.max_new_tokens, args.temperature, args.seed,
                                  args.batch_size)
         pad_id = tokenizer.pad_id if tokenizer.pad_id >= 0 else tokenizer.eos_id
-        kl = sequence_kl(policy, sft, answers["prompts"], answers["responses"], pad_id, args.temperature)
+        kl = (torch.zeros(len(prompts)) if policy is sft else
+              sequence_kl(policy, sft, answers["prompts"], answers["responses"], pad_id, args.temperature))
         rows[name] = policy_row(answers, kl, dialogs, judge, train_rm) | {"path": path}
     return {"policies": rows, "accuracy": accuracy, "pairs": len(pairs), "prompts": len(prompts),
             "settings": {k: v for k, v in vars(args).items() if k != "command"}}
@@ -191,6 +197,8 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> None:
     args = parser().parse_args(argv)
+    logging.basicConfig(format="%(message)s")
+    log.setLevel(logging.INFO)  # this report's progress; the library's own INFO lines stay quiet
     try:
         if args.command == "split":
             counts = write_splits(args.pairs, args.out)

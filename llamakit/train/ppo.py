@@ -2,8 +2,9 @@
 verifiable reward function, on the one training loop.
 
 The trained model is an ActorCritic: the policy (full, or LoRA on the SFT model) and a value model initialised from
-the reward model (trained the same way: fully, or LoRA plus its score head), under one optimizer. Rollouts (train/rollout.py) are sampled with the inference engine; the
-reference is a frozen copy of the starting policy, or, for LoRA, the policy with its adapter disabled (no memory).
+the reward model (trained the same way: fully, or LoRA plus its score head), under one optimizer. Rollouts
+(train/rollout.py) are sampled with the inference engine; the reference is a frozen copy of the starting policy,
+or, for LoRA, the policy with its adapter disabled (no memory).
 final/ holds the policy alone: a model folder (full) or a PEFT adapter (lora); step-N/ adds value/ for resuming (for
 lora, a PEFT sequence-classification adapter of the reward model).
 """
@@ -63,6 +64,7 @@ class PPOConfig:
     rollout_batch_size: int = 64  # prompts per rollout, over all processes
     epochs: int = 4  # PPO epochs over each rollout (train.batch_size rows per optimizer step)
     max_new_tokens: int = 128
+    generation_batch_size: int = 64  # responses sampled together on each process (the KV cache's slots)
     temperature: float = 1.0
     kl_coef: float = 0.01  # β: Llama 2 0.01 (7B/13B), 0.005 (34B/70B)
     kl_estimator: str = "k1"  # k1: log π − log π_ref; k3: the non-negative, lower-variance one
@@ -81,7 +83,7 @@ class PPOConfig:
             raise ConfigError("ppo.safety_reward_model pairs with ppo.reward_model (the helpfulness model)")
         if self.kl_estimator not in KL_ESTIMATORS:
             raise ConfigError(f"ppo.kl_estimator={self.kl_estimator!r}; choose one of {', '.join(KL_ESTIMATORS)}")
-        for name in ("rollout_batch_size", "epochs", "max_new_tokens"):
+        for name in ("rollout_batch_size", "epochs", "max_new_tokens", "generation_batch_size"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"ppo.{name}={getattr(self, name)} must be >= 1")
         if self.temperature <= 0:
@@ -158,6 +160,7 @@ def build_job(cfg: PPORunConfig, procs: Processes) -> Job:
     settings = RolloutSettings(
         rollout_batch_size=p.rollout_batch_size, batch_size=cfg.train.batch_size,
         micro_batch_size=cfg.train.micro_batch_size, epochs=p.epochs, max_new_tokens=p.max_new_tokens,
+        generation_batch_size=p.generation_batch_size,
         temperature=p.temperature, kl_coef=p.kl_coef, kl_estimator=p.kl_estimator, gamma=p.gamma, lam=p.lam,
         whiten_scores=p.whiten_scores, no_eos_score=p.no_eos_score, seed=cfg.train.seed)
     steps = RolloutSteps(model, reference, scorer, prompts, [ids for ids, _ in encoded],

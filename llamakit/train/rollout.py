@@ -37,6 +37,7 @@ class RolloutSettings:
     micro_batch_size: int
     epochs: int
     max_new_tokens: int
+    generation_batch_size: int  # responses sampled together on one process
     temperature: float
     kl_coef: float
     kl_estimator: str
@@ -121,7 +122,6 @@ class RolloutSteps:
         self.s, self.procs, self.decode, self.ptx = settings, procs, decode, ptx
         self.order = EpochOrder(len(prompts), settings.seed)
         self.current: tuple[int, Rollout] | None = None
-        self.cache: KVCache | None = None
 
     def train_step(self, step: int) -> list[Batch]:
         rollout = self.rollout(step // self.s.steps_per_rollout)
@@ -175,12 +175,17 @@ class RolloutSteps:
         return int(np.random.default_rng([self.s.seed, k, position]).integers(2**62))
 
     def _sample(self, prompts: list[list[int]], seeds: list[int]) -> tuple[list[list[int]], list[bool]]:
-        policy = self.model.policy
-        longest = max(len(p) for p in prompts) + self.s.max_new_tokens
-        if self.cache is None or self.cache.max_slots < len(prompts) or self.cache.max_seq_len < longest:
-            self.cache = KVCache.for_model(policy, len(prompts), longest)
-        params = [SamplingParams(temperature=self.s.temperature, top_p=1.0, seed=seed) for seed in seeds]
-        return sample_responses(policy, self.cache, prompts, params, self.s.max_new_tokens, self.stop_ids)
+        """Responses sampled generation_batch_size at a time on one KV cache, freed afterwards: training needs
+        the memory."""
+        policy, n = self.model.policy, self.s.generation_batch_size
+        cache = KVCache.for_model(policy, min(n, len(prompts)), max(len(p) for p in prompts) + self.s.max_new_tokens)
+        responses, ended = [], []
+        for i in range(0, len(prompts), n):
+            params = [SamplingParams(temperature=self.s.temperature, top_p=1.0, seed=seed) for seed in seeds[i:i + n]]
+            r, e = sample_responses(policy, cache, prompts[i:i + n], params, self.s.max_new_tokens, self.stop_ids)
+            responses += r
+            ended += e
+        return responses, ended
 
     def _score_tokens(self, ids: list[list[int]], prompt_lens: list[int]):
         """The rollout policy's and the reference's log p of each response token, and the value model's values."""
