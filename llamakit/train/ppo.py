@@ -214,7 +214,19 @@ def _import_function(spec: str):
     except (ImportError, AttributeError, ValueError) as e:
         raise ConfigError(f"ppo.reward_function={spec!r} cannot be imported ({e}); give module:function with the "
                           "module on PYTHONPATH") from None
-    return lambda prompts, texts: torch.as_tensor(fn([q.messages for q in prompts], texts), dtype=torch.float32)
+
+    def scorer(prompts, texts):
+        try:
+            scores = torch.as_tensor(fn([q.messages for q in prompts], texts), dtype=torch.float32).flatten()
+        except (TypeError, ValueError, RuntimeError) as e:
+            raise ConfigError(f"ppo.reward_function={spec!r} did not return numbers ({e}); return one float per "
+                              "response") from None
+        if scores.numel() != len(texts) or not scores.isfinite().all():
+            raise ConfigError(f"ppo.reward_function={spec!r} returned {scores.numel()} scores for {len(texts)} "
+                              "responses (or a NaN/inf); return one finite float per response")
+        return scores
+
+    return scorer
 
 
 def _ptx(cfg: PPORunConfig):

@@ -170,3 +170,10 @@ def test_two_processes_train_as_one(assets, tmp_path):
     for key in ("loss", "reward", "kl", "response_length", "value_loss"):
         a, b = [r[key] for r in _metrics(one)], [r[key] for r in _metrics(two)]
         assert all(abs(x - y) < 1e-4 * max(1, abs(x)) for x, y in zip(a, b)) and len(a) == len(b) == 8, (key, a, b)
+
+
+def test_a_broken_reward_function_is_named(assets, tmp_path, one_thread):
+    args = _args(assets, tmp_path / "run", "--ppo.reward_function", "tests.train.ppo_rewards:too_few",
+                 "--train.max_steps", "4", "--checkpoint.every", "4")
+    with pytest.raises(ConfigError, match="returned 31 scores for 32 responses"):
+        ppo(parse_config(CONFIG, args, PPORunConfig))
