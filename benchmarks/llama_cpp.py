@@ -1,4 +1,5 @@
-"""llama.cpp as a reference: build `llama-server` and `llama-bench` once, and convert checkpoints to GGUF.
+"""llama.cpp as a reference: build `llama-server`, `llama-bench` and `llama-quantize` once, and convert checkpoints
+to GGUF.
 
     python benchmarks/llama_cpp.py                       # build (or find) the binaries, print their paths
     python benchmarks/llama_cpp.py --gguf CKPT OUT.gguf  # also convert a llamakit/HF checkpoint to GGUF f32
@@ -7,8 +8,8 @@ The source is the llama-cpp-python sdist from PyPI, which vendors llama.cpp unde
 pinned version needs nothing but pip, cmake and a C++ compiler. Everything lands in
 ~/.cache/llamakit/llama.cpp-<version>/ ($LLAMAKIT_CACHE overrides ~/.cache/llamakit): src/ (the source tree,
 kept for convert_hf_to_gguf.py), build/, and bin/, which only ever holds finished binaries. The converter
-imports the gguf-py beside it (the same version as `gguf` on PyPI, which the 'bench' extra installs with
-its dependencies), torch and transformers.
+imports the gguf-py beside it (the same version as `gguf` on PyPI, a dependency of llamakit's; its own
+dependencies come with it), torch and transformers.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import tempfile
 from pathlib import Path
 
 VERSION = "0.3.36"  # llama-cpp-python release; its vendor/llama.cpp is what gets built
-TARGETS = ("llama-server", "llama-bench")
+TARGETS = ("llama-server", "llama-bench", "llama-quantize")
 
 
 class BuildError(RuntimeError):
@@ -35,8 +36,17 @@ def cache_dir(version: str = VERSION) -> Path:
     return root / f"llama.cpp-{version}"
 
 
+def built(version: str = VERSION) -> dict[str, Path]:
+    """The finished binaries already in bin/ (some or all of TARGETS), and "convert_hf_to_gguf.py" if the source
+    is unpacked; never downloads or builds anything (tests use this, and skip what is missing)."""
+    root = cache_dir(version)
+    found = {name: root / "bin" / name for name in TARGETS if (root / "bin" / name).is_file()}
+    converter = root / "src" / f"llama_cpp_python-{version}" / "vendor" / "llama.cpp" / "convert_hf_to_gguf.py"
+    return found | ({"convert_hf_to_gguf.py": converter} if converter.is_file() else {})
+
+
 def binaries(version: str = VERSION, jobs: int = 2) -> dict[str, Path]:
-    """Paths of llama-server and llama-bench, building them the first time."""
+    """Paths of llama-server, llama-bench and llama-quantize, building them the first time."""
     bin_dir = cache_dir(version) / "bin"
     found = {name: bin_dir / name for name in TARGETS}
     if all(p.is_file() for p in found.values()):

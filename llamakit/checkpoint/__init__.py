@@ -1,4 +1,4 @@
-"""Checkpoint formats: the only code that knows foreign key names (Meta, Hugging Face, llama2.c)."""
+"""Checkpoint formats: the only code that knows foreign key names (Meta, Hugging Face, llama2.c, GGUF)."""
 
 from llamakit.checkpoint.load import (
                                       detect_format,

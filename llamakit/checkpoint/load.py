@@ -7,13 +7,14 @@ from pathlib import Path
 
 import torch
 
-from llamakit.checkpoint import hf, llama2c, meta
+from llamakit.checkpoint import gguf, hf, llama2c, meta
 from llamakit.checkpoint.io import check_state_dict, read_json
-from llamakit.checkpoint.peft import is_reward_adapter, load_adapter
+from llamakit.checkpoint.peft import base_transforms, is_reward_adapter, load_adapter
 from llamakit.checkpoint.transforms import Transform, apply_transforms, from_records, owned_dtypes
 from llamakit.errors import CheckpointError, ConfigError
 from llamakit.model.config import ModelConfig, resolve_dtype
 from llamakit.model.llama import Transformer
+from llamakit.model.quantize import Int4
 from llamakit.model.reward import RewardHead, is_reward_model
 from llamakit.tokenizer import TOKENIZER_FILES, Tokenizer, check_vocab, load_tokenizer
 
@@ -22,16 +23,18 @@ NATIVE_VERSION = 1
 
 
 def detect_format(path: str | Path) -> str:
-    """'llamakit', 'hf', 'meta' or 'llama2c', decided from the files' content, never their names."""
+    """'llamakit', 'hf', 'meta', 'llama2c' or 'gguf', decided from the files' content, never their names."""
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"{path}: no such file or directory; pass the path of a checkpoint folder "
-                              "(Meta, Hugging Face or llamakit) or of a llama2.c .bin file")
+                              "(Meta, Hugging Face or llamakit), of a llama2.c .bin file or of a .gguf file")
     if path.is_file():
+        if gguf.is_gguf(path):
+            return "gguf"
         if llama2c.read_header(path) is not None:
             return "llama2c"
-        raise CheckpointError(f"{path}: not a recognised checkpoint file; pass a llama2.c .bin file, or the "
-                              "folder holding config.json (Hugging Face/llamakit) or params.json (Meta)")
+        raise CheckpointError(f"{path}: not a recognised checkpoint file; pass a llama2.c .bin file, a GGUF file, or "
+                              "the folder holding config.json (Hugging Face/llamakit) or params.json (Meta)")
     if (path / "config.json").is_file():
         return "llamakit" if NATIVE_KEY in read_json(path / "config.json") else "hf"
     if (path / "params.json").is_file():
@@ -54,6 +57,8 @@ def read_checkpoint(path: str | Path) -> tuple[ModelConfig, dict[str, torch.Tens
         return meta.read_meta(path)
     if fmt == "llama2c":
         return llama2c.read_llama2c(_llama2c_file(path))
+    if fmt == "gguf":
+        return gguf.read_gguf(path)
     config = _read_config(path, fmt)
     state = {}
     for name, tensor in hf.read_hf_state(path, config):
@@ -76,6 +81,8 @@ def _read_config(path: Path, fmt: str) -> ModelConfig:
         return hf.config_from_hf(read_json(path / "config.json"), path / "config.json")
     if fmt == "llama2c":
         return llama2c.read_header(_llama2c_file(path))[1]
+    if fmt == "gguf":
+        return gguf.read_gguf_config(path)
     return meta.read_meta_config(path)
 
 
@@ -101,7 +108,7 @@ def load_model(path: str | Path, dtype: torch.dtype | str | None = None, device:
     transforms own are checked against their shapes and keep their own dtype.
     """
     path = Path(path)
-    config, state = read_checkpoint(path)
+    config, state = _read_for(path, transforms)
     with torch.device("meta"):
         model = Transformer(config)  # no memory: the loaded tensors become the parameters (assign=True)
         model = apply_transforms(model, _recorded_transforms(path))  # the stored tensors are already theirs
@@ -117,6 +124,15 @@ def load_model(path: str | Path, dtype: torch.dtype | str | None = None, device:
     model.load_state_dict(state, assign=True)
     model.init_buffers()
     return model.eval().requires_grad_(False)
+
+
+def _read_for(path: Path, transforms: Sequence[Transform]) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
+    """read_checkpoint, except that a GGUF's Q4_0 matrices load straight into Int4Linear when int4 in groups of 32
+    (Q4_0's blocks) is the first transform: its convert() then quantizes only the matrices stored otherwise."""
+    first = transforms[0] if transforms else None
+    if isinstance(first, Int4) and first.group_size == 32 and detect_format(path) == "gguf":
+        return gguf.read_gguf(path, int4=True)
+    return read_checkpoint(path)
 
 
 def _recorded_transforms(path: Path) -> list[Transform]:
@@ -148,8 +164,10 @@ def load_reward_model(path: str | Path, adapter: str | Path | None = None, dtype
 
 
 def find_tokenizer(path: str | Path) -> Path | None:
-    """The tokenizer file stored with a checkpoint folder, if any."""
+    """The tokenizer file stored with a checkpoint folder, if any; a GGUF's vocabulary as a file llamakit reads."""
     path = Path(path)
+    if path.is_file() and gguf.is_gguf(path):
+        return gguf.gguf_tokenizer(path)
     if path.is_dir():
         return next((path / name for name in TOKENIZER_FILES if (path / name).is_file()), None)
     return None
@@ -166,7 +184,8 @@ def load_checkpoint(path: str | Path, tokenizer: str | Path | None = None, dtype
         raise CheckpointError(f"{path}: no tokenizer.model beside the weights; pass the tokenizer file explicitly")
     tok = load_tokenizer(tokenizer_path)
     check_vocab(tok, config.vocab_size, str(path))
-    model = load_model(path, dtype=dtype, device=device, transforms=() if adapter else transforms)
+    # A QLoRA adapter's base is quantized to NF4 as it is read, as in training; other transforms come after LoRA.
+    model = load_model(path, dtype=dtype, device=device, transforms=base_transforms(adapter) if adapter else transforms)
     if adapter is not None:  # then the transforms swap the adapted model's layers: LoRA wraps plain projections
         load_adapter(model, adapter)
         model = apply_transforms(model, transforms)

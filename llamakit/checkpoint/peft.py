@@ -9,6 +9,10 @@ llama2, llama3), so chat prompts as it learned.
 A reward model's LoRA adapter is PEFT's sequence classification (task_type SEQ_CLS, for
 LlamaForSequenceClassification): the new score head (our lm_head, a ScoreHead) trains whole and is saved beside the
 LoRA weights as `base_model.model.score.weight` (modules_to_save ["score"]); loading it makes a reward model.
+
+A QLoRA adapter is a plain LoRA adapter (PEFT loads it onto the unquantized base) whose metadata also records that
+the base was trained with its projections in NF4: loading it here quantizes the base the same way first, so the
+model is the one that was trained, and merging it folds the update into the dequantized NF4 weights.
 """
 
 from __future__ import annotations
@@ -22,11 +26,13 @@ from safetensors.torch import save_file
 from torch import nn
 
 from llamakit.checkpoint.io import atomic_directory, read_json, write_json
+from llamakit.checkpoint.transforms import Transform, apply_transforms, from_records
 from llamakit.errors import CheckpointError
 from llamakit.model import Transformer
 from llamakit.model.config import CHAT_FORMATS
 from llamakit.model.llama import apply_rope, rope_cos_sin
 from llamakit.model.lora import LoRAConfig, apply_lora, lora_modules
+from llamakit.model.nf4 import NF4, nf4_transform
 from llamakit.model.prefix import PrefixConfig, PrefixKV, apply_prefix_tuning, apply_prompt_tuning
 from llamakit.model.reward import apply_reward_head, is_reward_model
 
@@ -37,6 +43,7 @@ METHODS = {"LORA": "lora", "PREFIX_TUNING": "prefix", "PROMPT_TUNING": "prompt"}
 HEAD, SCORE = "lm_head.weight", "base_model.model.score.weight"  # a reward model's head: ours, PEFT's (SEQ_CLS)
 CLASSIFIER_MODULES = {"score", "classifier"}  # PEFT's SEQ_CLS modules_to_save: each architecture's head name
 CHAT_FORMAT = "llamakit_chat_format"  # metadata: the model's chat_format while it was tuned (llama2, llama3, alpaca)
+BASE_QUANTIZATION = "llamakit_base_quantization"  # metadata: QLoRA's record of the NF4 transform of the base
 
 
 def adapter_method(model: nn.Module) -> str | None:
@@ -67,6 +74,8 @@ def write_adapter(folder: Path, model: Transformer, method_cfg: LoRAConfig | Pre
     metadata = {"format": "pt", "llamakit_base": json.dumps(_base(model))}
     if model.config.chat_format:
         metadata[CHAT_FORMAT] = model.config.chat_format
+    if (nf4 := nf4_transform(model)) is not None:
+        metadata[BASE_QUANTIZATION] = json.dumps(nf4.to_dict())
     write_json(folder / CONFIG, config)
     save_file(tensors, folder / WEIGHTS, metadata=metadata)
 
@@ -176,6 +185,7 @@ def load_adapter(model: Transformer, folder: str | Path) -> str:
         raise CheckpointError(f"{folder}: this adapter was trained on a different base model ({diff}); load it "
                               "onto the model it was trained from")
     method = METHODS[config["peft_type"]]
+    _quantize_like_training(model, folder)
     if config.get("task_type") == "SEQ_CLS" and not is_reward_model(model):
         apply_reward_head(model)  # before LoRA, which freezes it; the adapter's score weights replace its init
     _apply(model, method, config, folder)
@@ -185,6 +195,37 @@ def load_adapter(model: Transformer, folder: str | Path) -> str:
         model.config = model.config.replace(chat_format=chat_format)
     model.eval()
     return method
+
+
+def base_transforms(folder: str | Path) -> list[Transform]:
+    """What the adapter's base went through before training: [NF4] for a QLoRA adapter, else nothing. Passed to
+    load_model, the base is quantized from its stored weights as they are read, exactly as training did."""
+    folder = Path(folder)
+    _read_config(folder)  # an adapter folder at all: the error names the config a folder needs first
+    record = _read_metadata(folder).get(BASE_QUANTIZATION)
+    if record is None:
+        return []
+    try:
+        transforms = from_records([json.loads(record)], folder / WEIGHTS)
+    except json.JSONDecodeError:
+        transforms = []
+    if [type(t) for t in transforms] != [NF4]:
+        raise CheckpointError(f"{folder / WEIGHTS}: the recorded base quantization {record!r} is not an NF4 record; "
+                              "the file is damaged")
+    return transforms
+
+
+def _quantize_like_training(model: Transformer, folder: Path) -> None:
+    """Quantize the base as the adapter's training did (QLoRA: NF4), unless load_model already did. Here the loaded
+    weights are quantized: the same codes as training when they were loaded in their stored dtype (or in fp32)."""
+    wanted, have = base_transforms(folder), nf4_transform(model)
+    if not wanted:
+        return
+    if have is not None and have != wanted[0]:
+        raise CheckpointError(f"{folder}: a QLoRA adapter trained on an NF4 base with {wanted[0]}, but this model "
+                              f"was quantized with {have}; load the base without quantization")
+    if have is None:
+        apply_transforms(model, wanted)
 
 
 def read_adapter_config(folder: str | Path) -> LoRAConfig | PrefixConfig:
@@ -222,6 +263,15 @@ def _read_config(folder: Path) -> dict:
         what = ", ".join(unsupported) or "target_modules given as a pattern"
         raise CheckpointError(f"{folder}: {what} is not supported; use a plain adapter (or merge it with PEFT)")
     return config
+
+
+def _read_metadata(folder: Path) -> dict[str, str]:
+    """The adapter weights file's metadata (without reading its tensors)."""
+    try:
+        with safe_open(folder / WEIGHTS, framework="pt") as f:
+            return f.metadata() or {}
+    except Exception as e:  # missing or damaged file
+        raise CheckpointError(f"{folder / WEIGHTS}: cannot read the adapter weights ({e})") from None
 
 
 def _read_weights(folder: Path) -> tuple[dict[str, torch.Tensor], dict | None, str | None]:

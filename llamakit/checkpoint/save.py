@@ -1,4 +1,4 @@
-"""Write a model in our format, Hugging Face's, Meta's (any shard count) or llama2.c's; always atomically."""
+"""Write a model in our format, Hugging Face's, Meta's (any shard count), llama2.c's or GGUF; always atomically."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from llamakit.checkpoint import hf, llama2c, meta
+from llamakit.checkpoint import gguf, hf, llama2c, meta
 from llamakit.checkpoint.io import atomic_directory, atomic_file, write_json
 from llamakit.checkpoint.load import NATIVE_KEY, NATIVE_VERSION
 from llamakit.checkpoint.transforms import applied, owned_dtypes
@@ -18,15 +18,21 @@ from llamakit.model.llama import Transformer
 from llamakit.tokenizer import Tokenizer, check_vocab, load_tokenizer
 
 log = logging.getLogger(__name__)
-FORMATS = ("llamakit", "hf", "meta", "llama2c")
+FORMATS = ("llamakit", "hf", "meta", "llama2c", "gguf")
 
 
 def save_model(model: Transformer, path: str | Path, format: str = "llamakit", *,
                tokenizer: Tokenizer | str | Path | None = None, dtype: torch.dtype | str | None = None,
-               shards: int = 1, max_shard_bytes: int = 5 * 2**30, overwrite: bool = False) -> Path:
-    """Write `model` (and its tokenizer file) to `path`; nothing appears at `path` unless it all succeeds."""
+               shards: int = 1, max_shard_bytes: int = 5 * 2**30, overwrite: bool = False,
+               gguf_type: str | None = None) -> Path:
+    """Write `model` (and its tokenizer file) to `path`; nothing appears at `path` unless it all succeeds.
+
+    A GGUF file holds its tokenizer; gguf_type is its tensor type (f32, f16, bf16, q8_0, q4_0; default: the float
+    type the weights are in after `dtype`)."""
     if format not in FORMATS:
         raise CheckpointError(f"unknown checkpoint format {format!r}; choose one of {', '.join(FORMATS)}")
+    if gguf_type is not None and format != "gguf":
+        raise CheckpointError(f"a GGUF type ({gguf_type}) applies to format 'gguf' only, not {format!r}")
     path, config = Path(path), model.config
     tok = load_tokenizer(tokenizer) if isinstance(tokenizer, (str, Path)) else tokenizer
     if tok is not None:
@@ -43,6 +49,13 @@ def save_model(model: Transformer, path: str | Path, format: str = "llamakit", *
     if format == "llama2c":
         with atomic_file(path, overwrite=overwrite) as tmp:
             llama2c.write_llama2c(tmp, config, state)
+        return path
+    if format == "gguf":
+        if tok is None:
+            log.warning("saving %s without a tokenizer; llama.cpp cannot run it, llamakit needs --tokenizer", path)
+        kind = gguf_type or {torch.float16: "f16", torch.bfloat16: "bf16"}.get(state["embed_tokens.weight"].dtype, "f32")
+        with atomic_file(path, overwrite=overwrite) as tmp:
+            gguf.write_gguf(tmp, config, state, tok, kind)
         return path
     with atomic_directory(path, overwrite=overwrite) as tmp:
         if format == "meta":

@@ -26,13 +26,17 @@ def convert(args: argparse.Namespace) -> None:
 
     if args.shards is not None and args.to != "meta":
         raise LlamakitError("--shards applies to --to meta only (Hugging Face files are split by --max-shard-size)")
+    if args.type is not None and args.to != "gguf":
+        raise LlamakitError("--type applies to --to gguf only (other formats take --dtype)")
+    if args.dtype is not None and args.to == "gguf":
+        raise LlamakitError("--dtype does not apply to --to gguf; choose the GGUF tensor type with --type")
     check_separate(args.src, args.dst)
     tokenizer = args.tokenizer or find_tokenizer(args.src)
     if args.to == "llama2c":
         tokenizer = None  # a llama2.c file has no place for one
     model = load_model(args.src, dtype=args.dtype)
     save_model(model, args.dst, args.to, tokenizer=tokenizer, shards=args.shards or 1, dtype=args.dtype,
-               max_shard_bytes=args.max_shard_size, overwrite=args.force)
+               max_shard_bytes=args.max_shard_size, overwrite=args.force, gguf_type=args.type)
     note = "" if tokenizer else " without a tokenizer (none found beside the source, or the format holds none)"
     print(f"wrote {args.to} checkpoint to {args.dst}{note}")
 
@@ -68,7 +72,11 @@ def info(args: argparse.Namespace) -> None:
     if not Path(args.target).exists() and args.target.lower() not in PRESETS:
         raise LlamakitError(f"{args.target}: no such checkpoint path, and not a preset ({', '.join(PRESETS)})")
     if Path(args.target).exists():
-        config, tokenizer = load_config(args.target), find_tokenizer(args.target)
+        config = load_config(args.target)
+        try:
+            tokenizer = find_tokenizer(args.target)
+        except LlamakitError as e:  # a GGUF whose vocabulary llamakit cannot rebuild: describe the model anyway
+            tokenizer = f"none usable ({e})"
         source = {"path": str(args.target), "format": detect_format(args.target),
                   "tokenizer": str(tokenizer) if tokenizer else None}
     else:
@@ -92,9 +100,13 @@ def add_download(p: argparse.ArgumentParser) -> None:
 
 
 def add_convert(p: argparse.ArgumentParser) -> None:
-    p.add_argument("src", help="checkpoint to read: a Hugging Face/llamakit/Meta folder or a llama2.c .bin file")
-    p.add_argument("dst", help="output folder (or .bin file for --to llama2c); must not exist unless --force")
-    p.add_argument("--to", required=True, choices=["hf", "meta", "llamakit", "llama2c"], help="output format")
+    p.add_argument("src", help="checkpoint to read: a Hugging Face/llamakit/Meta folder, a llama2.c .bin or a .gguf file")
+    p.add_argument("dst", help="output folder (a file for --to llama2c and gguf); must not exist unless --force")
+    p.add_argument("--to", required=True, choices=["hf", "meta", "llamakit", "llama2c", "gguf"],
+                   help="output format (gguf: for llama.cpp, Ollama, LM Studio; tokenizer and chat template inside)")
+    p.add_argument("--type", choices=["f32", "f16", "bf16", "q8_0", "q4_0"],
+                   help="GGUF tensor type (default: the weights' float type); norms stay f32, q4_0 keeps the output "
+                        "head q8_0, rows not a multiple of 32 fall back to f16, as llama.cpp does")
     p.add_argument("--shards", type=positive_int, help="number of consolidated.NN.pth files for --to meta (default 1)")
     p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], help="convert weights (default: keep as stored)")
     p.add_argument("--tokenizer", help="tokenizer file to copy beside the weights (default: the source's)")
@@ -103,7 +115,8 @@ def add_convert(p: argparse.ArgumentParser) -> None:
 
 
 def add_quantize(p: argparse.ArgumentParser) -> None:
-    p.add_argument("src", help="checkpoint to read: a Hugging Face/llamakit/Meta folder or a llama2.c .bin file")
+    p.add_argument("src", help="checkpoint to read: a Hugging Face/llamakit/Meta folder, a llama2.c .bin or a .gguf "
+                   "file (a GGUF's Q4_0 matrices go straight into int4 with groups of 32)")
     p.add_argument("dst", help="output folder (llamakit format); must not exist unless --force")
     p.add_argument("--to", required=True, choices=["int8", "int4"],
                    help="int8: per output channel, symmetric; int4: groups of --group-size columns, with zero points")

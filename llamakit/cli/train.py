@@ -88,17 +88,18 @@ def _outputs(out: Path) -> str:
 
 def merge(args: argparse.Namespace) -> None:
     """Fold a LoRA adapter into its base model and write a normal model folder (a reward model's adapter, with its
-    score head: a whole reward model, in the llamakit or Hugging Face format)."""
+    score head: a whole reward model, in the llamakit or Hugging Face format). A QLoRA adapter folds into the
+    dequantized NF4 base it was trained on: the merged model computes what the QLoRA model computed."""
     from llamakit.checkpoint import find_tokenizer, load_model, save_model
     from llamakit.checkpoint.io import check_separate
-    from llamakit.checkpoint.peft import load_adapter
+    from llamakit.checkpoint.peft import base_transforms, load_adapter
     from llamakit.errors import LlamakitError
     from llamakit.model.lora import merge_lora
     from llamakit.model.reward import is_reward_model
 
     for source in (args.base, args.adapter):
         check_separate(source, args.output)
-    model = load_model(args.base, dtype="fp32")
+    model = load_model(args.base, dtype="fp32", transforms=base_transforms(args.adapter))  # QLoRA: NF4 as trained
     method = load_adapter(model, args.adapter)
     if method != "lora":
         raise LlamakitError(f"{args.adapter} is a {method}-tuning adapter: only LoRA updates fold into the weights; "

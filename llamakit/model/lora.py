@@ -2,6 +2,8 @@
 
 Applied from outside by swapping the targeted nn.Linear modules for LoRALinear wrappers; the model class
 is untouched. Names follow PEFT (`base_layer`, `lora_A`, `lora_B`), so adapters map 1:1 onto its files.
+QLoRA (Dettmers et al., 2023) is LoRA on an NF4-quantized base (model/nf4.py): the wrapper adds its update to the
+NF4Linear's output the same way, and merging dequantizes the base.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import torch
 from torch import nn
 
 from llamakit.errors import ConfigError
+from llamakit.model.nf4 import NF4Linear, dequantize_nf4
 
 LINEAR_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -42,14 +45,15 @@ class LoRAConfig:
 class LoRALinear(nn.Module):
     """y = base(x) + (alpha / r) * B(A(dropout(x))); B starts at zero, so the wrapped model starts unchanged."""
 
-    def __init__(self, base: nn.Linear, rank: int, alpha: float, dropout: float):
+    def __init__(self, base: nn.Linear | NF4Linear, rank: int, alpha: float, dropout: float):
         super().__init__()
         self.base_layer = base
         self.base_layer.requires_grad_(False)
         self.scaling = alpha / rank
         self.lora_dropout = nn.Dropout(dropout) if dropout else nn.Identity()
         # The update trains in fp32 even when the frozen base is bf16.
-        kwargs = {"device": base.weight.device, "dtype": torch.float32}
+        device = base.qweight.device if isinstance(base, NF4Linear) else base.weight.device
+        kwargs = {"device": device, "dtype": torch.float32}
         self.lora_A = nn.Linear(base.in_features, rank, bias=False, **kwargs)
         self.lora_B = nn.Linear(rank, base.out_features, bias=False, **kwargs)
         self.disabled = False  # True inside disable_lora: the base layer alone
@@ -81,7 +85,7 @@ def apply_lora(model: nn.Module, cfg: LoRAConfig) -> list[str]:
     """Freeze model and wrap each targeted projection in a LoRALinear; returns the wrapped module names."""
     model.requires_grad_(False)
     targets = [(name, module) for name, module in model.named_modules()
-               if isinstance(module, nn.Linear) and name.rsplit(".", 1)[-1] in cfg.targets]
+               if isinstance(module, (nn.Linear, NF4Linear)) and name.rsplit(".", 1)[-1] in cfg.targets]
     if not targets:
         raise ConfigError(f"lora targets {list(cfg.targets)} match no nn.Linear in this model; is LoRA already "
                           "merged into it, or is it not a Llama model?")
@@ -112,7 +116,10 @@ def disable_lora(model: nn.Module) -> Iterator[nn.Module]:
 
 @torch.no_grad()
 def merge_lora(model: nn.Module) -> nn.Module:
-    """Fold every LoRA update into its base weight (W += scaling * B @ A) and unwrap it: a plain model again."""
+    """Fold every LoRA update into its base weight (W += scaling * B @ A) and unwrap it: a plain model again.
+
+    NF4 bases are dequantized first (QLoRA), so the merged model computes what the QLoRA model computed."""
+    dequantize_nf4(model)
     for name, module in lora_modules(model).items():
         base = module.base_layer
         base.weight += module.delta_weight().to(base.weight.dtype)
