@@ -14,7 +14,9 @@ sampled tokens (the k1 estimate PPO logs), and each reward model's pairwise accu
 from __future__ import annotations
 
 import argparse
+import bisect
 import hashlib
+import itertools
 import json
 import logging
 import sys
@@ -41,16 +43,12 @@ SPLITS = {"rm_train": 0.44, "rm_judge": 0.44, "heldout": 0.12}  # fractions of t
 
 def split_pairs(pairs: list[PreferencePair], fractions: dict[str, float] = SPLITS) -> dict[str, list[PreferencePair]]:
     """The pairs in disjoint parts, in file order; a part is picked by a hash of the prompt's first user turn."""
-    parts: dict[str, list[PreferencePair]] = {name: [] for name in fractions}
+    names, edges = list(fractions), list(itertools.accumulate(fractions.values()))
+    parts: dict[str, list[PreferencePair]] = {name: [] for name in names}
     for pair in pairs:
         first = next(m["content"] for m in pair.prompt if m["role"] == "user")
         u = int.from_bytes(hashlib.sha256(first.encode()).digest()[:8], "big") / 2**64  # uniform in [0, 1)
-        edge = 0.0
-        for name, fraction in fractions.items():
-            edge += fraction
-            if u < edge or name == list(fractions)[-1]:
-                parts[name].append(pair)
-                break
+        parts[names[min(bisect.bisect_right(edges, u), len(names) - 1)]].append(pair)
     return parts
 
 
@@ -128,21 +126,30 @@ def pairwise_accuracy(rm: RewardModel, pairs: list[PreferencePair]) -> float:
     return (chosen > rejected).float().mean().item()
 
 
-def policy_row(answers: dict, kl: torch.Tensor, dialogs: list[list[dict]], judge: RewardModel,
-               train_rm: RewardModel) -> dict:
-    """A policy's means over the held-out answers: judge and train-RM rewards, KL to SFT, length, ended."""
-    return {"judge_reward": judge.score(dialogs, answers["texts"]).mean().item(),
-            "train_rm_reward": train_rm.score(dialogs, answers["texts"]).mean().item(),
-            "kl_to_sft": kl.mean().item(),
-            "length": sum(map(len, answers["responses"])) / len(answers["responses"]),
+def paired_difference(scores: torch.Tensor, baseline: torch.Tensor) -> list[float]:
+    """The mean of scores − baseline over the same prompts, and its standard error."""
+    d = scores - baseline
+    return [d.mean().item(), (d.std() / len(d) ** 0.5).item() if len(d) > 1 else 0.0]
+
+
+def policy_row(answers: dict, kl: torch.Tensor, judged: torch.Tensor, trained: torch.Tensor,
+               sft: tuple[torch.Tensor, torch.Tensor]) -> dict:
+    """A policy's means over the held-out answers (judge and train-RM rewards, each with its paired difference to
+    the SFT model's answers; KL to SFT, tokens, the fraction that ended) and its first answer."""
+    return {"judge_reward": judged.mean().item(), "judge_vs_sft": paired_difference(judged, sft[0]),
+            "train_rm_reward": trained.mean().item(), "train_rm_vs_sft": paired_difference(trained, sft[1]),
+            "kl_to_sft": kl.mean().item(), "length": sum(map(len, answers["responses"])) / len(answers["responses"]),
             "ended": sum(answers["ended"]) / len(answers["ended"]), "example": answers["texts"][0]}
 
 
 def markdown(rows: dict[str, dict], accuracy: dict[str, float], pairs: int) -> str:
-    """The before/after table and the reward models' held-out accuracies."""
-    lines = ["| policy | judge reward | train-RM reward | KL to SFT | answer tokens | ended |", "|---|---:|---:|---:|---:|---:|"]
-    lines += [f"| {name} | {r['judge_reward']:+.4f} | {r['train_rm_reward']:+.4f} | {r['kl_to_sft']:.3f} | "
-              f"{r['length']:.1f} | {r['ended']:.2f} |" for name, r in rows.items()]
+    """The before/after table (Δ: the paired difference to SFT ± its standard error) and the held-out accuracies."""
+    delta = lambda d: f"{d[0]:+.4f} ± {d[1]:.4f}" if d[1] else "—"  # noqa: E731
+    lines = ["| policy | judge reward | Δ judge | train-RM reward | Δ train-RM | KL to SFT | answer tokens | ended |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    lines += [f"| {name} | {r['judge_reward']:+.4f} | {delta(r['judge_vs_sft'])} | {r['train_rm_reward']:+.4f} | "
+              f"{delta(r['train_rm_vs_sft'])} | {r['kl_to_sft']:.3f} | {r['length']:.1f} | {r['ended']:.2f} |"
+              for name, r in rows.items()]
     held = ", ".join(f"{name} {acc:.3f}" for name, acc in accuracy.items())
     return "\n".join(lines) + f"\n\nheld-out pairwise accuracy ({pairs} pairs): {held}"
 
@@ -156,16 +163,18 @@ def report(args: argparse.Namespace) -> dict:
     prompts = read_prompts(args.prompts)[0][:args.max_prompts]
     dialogs = [p.messages for p in prompts]
     sft, tokenizer = load_policy(args.sft, args.sft, args.device)
-    rows = {}
+    pad_id = tokenizer.pad_id if tokenizer.pad_id >= 0 else tokenizer.eos_id
+    rows, baseline = {}, None
     for name, path in [("SFT", args.sft), *(spec.split("=", 1) for spec in args.policy)]:
         policy = sft if path == args.sft else load_policy(args.sft, path, args.device)[0]
         log.info("%s: sampling and scoring %d answers", name, len(prompts))
         answers = sample_answers(policy, tokenizer, prompts, args.max_new_tokens, args.temperature, args.seed,
                                  args.batch_size)
-        pad_id = tokenizer.pad_id if tokenizer.pad_id >= 0 else tokenizer.eos_id
         kl = (torch.zeros(len(prompts)) if policy is sft else
               sequence_kl(policy, sft, answers["prompts"], answers["responses"], pad_id, args.temperature))
-        rows[name] = policy_row(answers, kl, dialogs, judge, train_rm) | {"path": path}
+        scored = judge.score(dialogs, answers["texts"]), train_rm.score(dialogs, answers["texts"])
+        baseline = baseline or scored  # the first row's: the SFT model's
+        rows[name] = policy_row(answers, kl, *scored, baseline) | {"path": path}
     return {"policies": rows, "accuracy": accuracy, "pairs": len(pairs), "prompts": len(prompts),
             "settings": {k: v for k, v in vars(args).items() if k != "command"}}
 
@@ -184,12 +193,9 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("--pairs", help="held-out pairs for the accuracies (default: --prompts)")
     r.add_argument("--judge", required=True, help="a reward model trained on none of the policies' data")
     r.add_argument("--train-rm", required=True, help="the reward model the policies were trained against")
-    r.add_argument("--max-prompts", type=int, default=128)
-    r.add_argument("--max-pairs", type=int, default=None)
-    r.add_argument("--max-new-tokens", type=int, default=64)
-    r.add_argument("--temperature", type=float, default=1.0)
-    r.add_argument("--seed", type=int, default=0)
-    r.add_argument("--batch-size", type=int, default=64, help="answers sampled together")
+    for flag, kind, default in (("--max-prompts", int, 128), ("--max-pairs", int, None), ("--max-new-tokens", int, 64),
+                                ("--temperature", float, 1.0), ("--seed", int, 0), ("--batch-size", int, 64)):
+        r.add_argument(flag, type=kind, default=default, help=f"default: {default}")
     r.add_argument("--device", default="cpu")
     r.add_argument("--output", help="write the numbers (and a sample answer per policy) as JSON here")
     return p

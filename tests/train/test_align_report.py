@@ -113,6 +113,11 @@ def test_the_accuracy_is_a_direct_count(files):
     assert pairwise_accuracy(rm, pairs) == pytest.approx(wins / len(pairs))
 
 
+def test_the_paired_difference_and_its_standard_error():
+    mean, se = align_report.paired_difference(torch.tensor([1.0, 2.0, 3.0]), torch.tensor([0.0, 0.0, 1.0]))
+    assert mean == pytest.approx(5 / 3) and se == pytest.approx(1 / 3)  # d = 1, 2, 2: sd sqrt(1/3), over sqrt(3)
+
+
 def test_the_report_end_to_end(files, capsys):
     out = files / "report.json"
     align_report.main(["report", "--sft", str(files / "sft"), "--policy", f"LoRA={files / 'adapter'}",
@@ -120,6 +125,7 @@ def test_the_report_end_to_end(files, capsys):
                        str(files / "rm"), "--max-new-tokens", "8", "--output", str(out)])
     found = json.loads(out.read_text())
     assert list(found["policies"]) == ["SFT", "LoRA"] and found["pairs"] == found["prompts"] == 3
+    assert found["policies"]["SFT"]["judge_vs_sft"] == [0.0, 0.0]
     assert found["policies"]["SFT"]["kl_to_sft"] == 0.0 and found["policies"]["LoRA"]["kl_to_sft"] != 0.0
     sft = found["policies"]["SFT"]
     assert sft["judge_reward"] == sft["train_rm_reward"]  # one reward model in both roles
