@@ -154,7 +154,16 @@ def _unusable(pair: PreferencePair | str) -> str | None:
         return "the answers are the same"
     if not pair.prompt or pair.prompt[-1]["role"] != "user":
         return "the prompt does not end with a user turn"
+    if not alternates(pair.prompt):
+        return "the turns do not alternate between user and assistant"
     return None
+
+
+def alternates(messages: list[dict]) -> bool:
+    """user, assistant, user, ... after an optional system message (a handful of HH-RLHF dialogs have two
+    assistant turns in a row, which no chat format can encode)."""
+    turns = messages[1:] if messages and messages[0]["role"] == "system" else messages
+    return all(m["role"] == ("user" if i % 2 == 0 else "assistant") for i, m in enumerate(turns))
 
 
 @dataclass
@@ -191,6 +200,8 @@ def read_prompts(path: str | Path) -> tuple[list[Prompt], PreferenceReport]:
             report.skip(messages)
         elif not messages or messages[-1]["role"] != "user" or not messages[-1]["content"].strip():
             report.skip("the prompt does not end with a user turn")
+        elif not alternates(messages):
+            report.skip("the turns do not alternate between user and assistant")
         else:
             prompts.append(Prompt(messages, safety))
     if not prompts:
@@ -198,14 +209,29 @@ def read_prompts(path: str | Path) -> tuple[list[Prompt], PreferenceReport]:
     return prompts, report
 
 
+def fit_prompt(tokenizer: Tokenizer, prompt: Prompt, style: str | None, max_len: int) -> Prompt:
+    """The prompt without its oldest exchanges (a user turn and its answer; a system message stays) until it
+    encodes to at most max_len ids, or only its last user turn is left: what a chat model is shown."""
+    system = prompt.messages[:1] if prompt.messages[0]["role"] == "system" else []
+    turns = prompt.messages[len(system):]
+    while len(turns) > 1 and len(_encode_prompt(tokenizer, system + turns, style)) > max_len:
+        turns = turns[2:]
+    return Prompt(system + turns, prompt.safety)
+
+
 def encode_prompt(tokenizer: Tokenizer, prompt: Prompt, style: str | None, max_len: int) -> tuple[list[int], bool]:
-    """The prompt's ids as a chat model is prompted (the answer's header included), keeping its last max_len ids;
-    and whether it was truncated."""
+    """The ids of the prompt as fit_prompt leaves it, in the chat format up to and including the answer's header;
+    a last user turn still too long keeps its last max_len ids. Also whether anything was dropped."""
+    fitted = fit_prompt(tokenizer, prompt, style, max_len)
+    ids = _encode_prompt(tokenizer, fitted.messages, style)
+    return ids[-max_len:], len(ids) > max_len or len(fitted.messages) < len(prompt.messages)
+
+
+def _encode_prompt(tokenizer: Tokenizer, messages: list[dict], style: str | None) -> list[int]:
     try:
-        ids = encode_dialog(tokenizer, prompt.messages, style)
+        return encode_dialog(tokenizer, messages, style)
     except ChatFormatError as e:
         raise DataError(f"a prompt cannot be encoded: {e}") from None
-    return ids[-max_len:], len(ids) > max_len
 
 
 @dataclass

@@ -31,7 +31,7 @@ from llamakit.files import atomic_file
 from llamakit.generate.chat import chat_style
 from llamakit.generate.sampling import SamplingParams
 from llamakit.model import KVCache, Transformer
-from llamakit.tokenizer.chat import ChatFormatError, check_dialog, stop_ids_for
+from llamakit.tokenizer.chat import stop_ids_for
 from llamakit.train.rejection import sample_params
 from llamakit.train.rewards import RewardModel
 from llamakit.train.rl import token_logprobs
@@ -54,9 +54,8 @@ def split_pairs(pairs: list[PreferencePair], fractions: dict[str, float] = SPLIT
 
 def write_splits(path: str, out: str | Path) -> dict[str, int]:
     """Write each part's pairs (DIR/NAME.jsonl) and the train part's chosen dialogs as chat SFT rows (DIR/sft.jsonl)."""
-    pairs, _ = read_pairs(path)
-    usable = [p for p in pairs if well_formed(p.prompt)]  # a few HH-RLHF dialogs have two assistant turns in a row
-    parts = split_pairs(usable)
+    pairs, report = read_pairs(path)  # skips (and counts) unusable rows, e.g. dialogs whose turns do not alternate
+    parts = split_pairs(pairs)
     rows = {name: [{"messages": p.prompt, "chosen": p.chosen, "rejected": p.rejected} for p in part]
             for name, part in parts.items()}
     rows["sft"] = [{"messages": [*p.prompt, {"role": "assistant", "content": p.chosen}]} for p in parts["rm_train"]]
@@ -64,16 +63,7 @@ def write_splits(path: str, out: str | Path) -> dict[str, int]:
     for name, part in rows.items():
         with atomic_file(Path(out) / f"{name}.jsonl") as tmp, open(tmp, "w", encoding="utf-8") as f:
             f.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in part)
-    return {name: len(part) for name, part in rows.items()} | {"malformed (left out)": len(pairs) - len(usable)}
-
-
-def well_formed(dialog: list[dict]) -> bool:
-    """Whether a chat model can be prompted with the dialog (roles alternate), as every stage encodes it."""
-    try:
-        check_dialog(dialog)
-    except ChatFormatError:
-        return False
-    return True
+    return {name: len(part) for name, part in rows.items()} | {"skipped": sum(report.skipped.values())}
 
 
 def load_policy(sft: str, path: str, device: str = "cpu") -> tuple[Transformer, object]:

@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from llamakit.data.preference import Prompt, encode_prompt, read_prompts
+from llamakit.data.preference import Prompt, encode_prompt, fit_prompt, read_prompts
 from llamakit.data.sft_records import check_chat_row, read_records
 from llamakit.errors import ConfigError, DataError
 from llamakit.files import atomic_file
@@ -90,6 +90,9 @@ class RejectionRound:
         style = chat_style(policy, tokenizer, cfg.chat_format)
         if params.greedy and cfg.samples > 1:
             log.warning("temperature 0 is greedy: all %d samples of a prompt will be the same", cfg.samples)
+        # The dialog as the policy is shown it (oldest exchanges dropped to leave room for an answer) is what the
+        # output rows hold: fine-tuning on them trains on what was sampled, and later rounds match the same prompts.
+        self.prompts = [fit_prompt(tokenizer, p, style, prompt_limit(policy, cfg)) for p in self.prompts]
         answers, stats = sample_answers(policy, tokenizer, self.prompts, style, cfg, params, generator)
         K = cfg.samples
         flat = self.reward([p for p in self.prompts for _ in range(K)], [a for row in answers for a in row])
@@ -163,13 +166,18 @@ def _models(identity: object) -> str:
     return " + ".join(names) + rule
 
 
+def prompt_limit(policy: Transformer, cfg: RejectionConfig) -> int:
+    """Prompt ids that leave room for an answer, yet never more than half the window for it."""
+    window = cfg.max_seq_len or policy.config.max_seq_len
+    return window - min(cfg.max_new_tokens, window // 2)
+
+
 def sample_answers(policy: Transformer, tokenizer: Tokenizer, prompts: Sequence[Prompt], style: str,
                    cfg: RejectionConfig, params: SamplingParams, generator: torch.Generator | None = None
                    ) -> tuple[list[list[str]], dict]:
     """K answers to each prompt (N lists of K), decoded cfg.batch_size sequences at a time on one KV cache."""
     window = cfg.max_seq_len or policy.config.max_seq_len
-    limit = window - min(cfg.max_new_tokens, window // 2)  # room for an answer, yet never more than half the window
-    encoded = [encode_prompt(tokenizer, p, style, limit) for p in prompts]
+    encoded = [encode_prompt(tokenizer, p, style, prompt_limit(policy, cfg)) for p in prompts]
     rows = [ids for ids, _ in encoded for _ in range(cfg.samples)]  # each prompt K times, prompt-major
     budgets = [min(cfg.max_new_tokens, window - len(ids)) for ids in rows]
     row_params = sample_params(params, len(rows))

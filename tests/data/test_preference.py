@@ -17,7 +17,8 @@ def llama2_tok(assets):
 def test_the_real_hh_rlhf_file_reads_into_pairs(assets):
     pairs, report = read_pairs(assets / "preference" / "hh-rlhf_harmless-base_test.jsonl.gz")
     assert report.rows == 2312 and len(pairs) == 2312 - sum(report.skipped.values())
-    assert report.skipped == {"the answers follow different prompts": 5, "an answer is empty": 4}
+    assert report.skipped == {"the answers follow different prompts": 5, "an answer is empty": 4,
+                              "the turns do not alternate between user and assistant": 4}
     assert all(p.prompt[-1]["role"] == "user" and p.chosen != p.rejected for p in pairs)
     first = pairs[0]
     assert first.prompt[0] == {"role": "user", "content": "what are some pranks with a pen i can do?"}
@@ -96,7 +97,7 @@ def test_batches_score_the_answers_only_and_mask_end_drops_the_end_token(llama2_
 
 
 def test_prompts_read_from_every_form(tmp_path, assets, llama2_tok):
-    from llamakit.data.preference import encode_prompt, read_prompts
+    from llamakit.data.preference import encode_prompt, fit_prompt, read_prompts
 
     rows = [
         {"prompt": "Hi?", "safety": True},
@@ -109,12 +110,16 @@ def test_prompts_read_from_every_form(tmp_path, assets, llama2_tok):
     assert [p.messages[-1]["content"] for p in prompts] == ["Hi?", "Story?", "Why?"]
     assert [p.safety for p in prompts] == [True, False, False] and len(prompts[1].messages) == 3
     assert report.skipped == {"the prompt does not end with a user turn": 1}
-    hh, _ = read_prompts(assets / "preference" / "hh-rlhf_harmless-base_test.jsonl.gz")
+    hh, report = read_prompts(assets / "preference" / "hh-rlhf_harmless-base_test.jsonl.gz")
     assert hh[0].messages[0]["content"] == "what are some pranks with a pen i can do?"
+    assert report.skipped["the turns do not alternate between user and assistant"] == 4
+    assert all(encode_prompt(llama2_tok, p, "llama2", 256)[0] for p in hh)  # every usable prompt encodes
     ids, truncated = encode_prompt(llama2_tok, prompts[1], "llama2", 1000)
     assert not truncated and llama2_tok.decode(ids).endswith("Story? [/INST]")
-    short, truncated = encode_prompt(llama2_tok, prompts[1], "llama2", 5)
-    assert truncated and short == ids[-5:]
+    short, truncated = encode_prompt(llama2_tok, prompts[1], "llama2", 5)  # one user turn left, then cut
+    assert truncated and short == llama2_tok.encode("[INST] Story? [/INST]", bos=True)[-5:]
+    fitted = fit_prompt(llama2_tok, prompts[1], "llama2", len(ids) - 1)  # the oldest exchange goes first
+    assert fitted.messages == prompts[1].messages[2:]
     with pytest.raises(DataError, match=r"\[0\]: 'safety' must be true or false"):
         read_prompts(_write(tmp_path, [{"prompt": "x", "safety": "yes"}]))
     with pytest.raises(DataError, match=r"\[0\]: no prompt"):

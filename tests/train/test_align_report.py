@@ -60,14 +60,14 @@ def test_the_split_is_disjoint_by_prompt_and_keeps_every_pair():
     assert all(parts.values())
 
 
-def test_write_splits_leaves_out_malformed_dialogs_and_writes_sft_rows(tmp_path):
+def test_write_splits_skips_malformed_dialogs_and_writes_sft_rows(tmp_path):
     bad = {"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"},
                         {"role": "assistant", "content": "c"}, {"role": "user", "content": "d"}],
            "chosen": "e", "rejected": "f"}
     source = tmp_path / "pairs.jsonl"
     source.write_text("".join(json.dumps(row) + "\n" for row in [*PAIRS, bad] * 20))
     counts = align_report.write_splits(str(source), tmp_path / "out")
-    assert counts["malformed (left out)"] == 20 and counts["rm_train"] == counts["sft"]
+    assert counts["skipped"] == 20 and counts["rm_train"] == counts["sft"]
     sft = [json.loads(line) for line in (tmp_path / "out" / "sft.jsonl").read_text().splitlines()]
     train = read_pairs(tmp_path / "out" / "rm_train.jsonl")[0]
     assert [row["messages"] for row in sft] == [[*p.prompt, {"role": "assistant", "content": p.chosen}] for p in train]
