@@ -19,13 +19,13 @@ def generate(args: argparse.Namespace) -> None:
     from llamakit.generate import generate as run_batch
     from llamakit.generate import stream
 
-    model, tokenizer, params, generator = _load_for_generation(args)
+    model, tokenizer, params, generator = load_for_generation(args)
     prompts = [sys.stdin.read().removesuffix("\n") if p == "-" else p for p in args.prompts]
     for i, prompt in enumerate(prompts):
         if not prompt:
             raise LlamakitError(f"prompt {i + 1} is empty; give some text (or '-' to read it from stdin)")
     ids = [tokenizer.encode(p, bos=True) for p in prompts]
-    window = _max_seq_len(args, model)
+    window = max_seq_len(args, model)
     budgets = [_budget(args.max_new_tokens, window, len(p), i) for i, p in enumerate(ids)]
     start = time.perf_counter()
     if len(ids) == 1:
@@ -55,8 +55,8 @@ def chat(args: argparse.Namespace) -> None:
     """Talk with a chat model; /reset forgets the conversation, Ctrl-C stops a reply, Ctrl-D exits."""
     from llamakit.generate.chat import ChatSession
 
-    model, tokenizer, params, generator = _load_for_generation(args)
-    session = ChatSession(model, tokenizer, max_seq_len=_max_seq_len(args, model), max_new_tokens=args.max_new_tokens,
+    model, tokenizer, params, generator = load_for_generation(args)
+    session = ChatSession(model, tokenizer, max_seq_len=max_seq_len(args, model), max_new_tokens=args.max_new_tokens,
                           params=params, system=args.system, style=args.chat_format, generator=generator)
     adapter = f" + adapter {args.adapter}" if args.adapter else ""
     print(f"chatting with {args.checkpoint}{adapter} ({session.style} format). {CHAT_HELP}")
@@ -125,7 +125,7 @@ def _chat_turn(session, text: str) -> None:
         print(f"error: {e}")
 
 
-def _load_for_generation(args: argparse.Namespace):
+def load_for_generation(args: argparse.Namespace):
     """Model (on CUDA when present), tokenizer, sampling settings and a seeded random generator."""
     import torch
 
@@ -153,7 +153,7 @@ def quantization(args: argparse.Namespace, device) -> list:
     return transforms(args.quantize, args.group_size, device)
 
 
-def _max_seq_len(args: argparse.Namespace, model) -> int:
+def max_seq_len(args: argparse.Namespace, model) -> int:
     trained = model.config.max_seq_len
     return context_window(args.max_seq_len, trained, "--max-seq-len", args.extend_context,
                           default=min(trained, DEFAULT_MAX_SEQ_LEN))
@@ -183,7 +183,7 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
                    help="allow --max-seq-len (and eval's --window) beyond the model's trained context, with a warning")
 
 
-def _add_sampling_options(p: argparse.ArgumentParser, max_new_tokens: int) -> None:
+def add_sampling_options(p: argparse.ArgumentParser, max_new_tokens: int) -> None:
     p.add_argument("--max-new-tokens", type=positive_int, default=max_new_tokens, help="most tokens to generate")
     p.add_argument("--temperature", type=float, default=0.6, help="0 is greedy (default 0.6)")
     p.add_argument("--top-p", type=float, default=0.9, help="nucleus sampling mass (default 0.9; 1 disables)")
@@ -197,14 +197,14 @@ def add_generate(p: argparse.ArgumentParser) -> None:
     p.add_argument("prompts", nargs="+", metavar="PROMPT", help="text to continue ('-' reads stdin); several run "
                    "as one batch")
     add_model_options(p)
-    _add_sampling_options(p, max_new_tokens=256)
+    add_sampling_options(p, max_new_tokens=256)
     p.add_argument("--stop", action="append", default=[], metavar="TEXT", help="stop before this text (repeatable)")
     p.add_argument("--stats", action="store_true", help="print the time taken to stderr")
 
 
 def add_chat(p: argparse.ArgumentParser) -> None:
     add_model_options(p)
-    _add_sampling_options(p, max_new_tokens=512)
+    add_sampling_options(p, max_new_tokens=512)
     p.add_argument("--system", help="system prompt for the whole conversation")
     p.add_argument("--chat-format", choices=["llama2", "llama3", "alpaca"],
                    help="prompt format (default: the one the model or --adapter was tuned with, else the tokenizer's)")

@@ -6,7 +6,7 @@ import argparse
 import dataclasses
 
 from llamakit.cli.argtypes import positive_int
-from llamakit.cli.inference import _add_sampling_options, _load_for_generation, _max_seq_len, add_model_options
+from llamakit.cli.inference import add_model_options, add_sampling_options, load_for_generation, max_seq_len
 
 
 def rejection_sample(args: argparse.Namespace) -> None:
@@ -25,8 +25,8 @@ def rejection_sample(args: argparse.Namespace) -> None:
     safe = (RewardModel.load(args.safety_reward_model, device, dtype, args.batch_size) if args.safety_reward_model
             else None)
     rejection = RejectionRound(cfg, Reward(helpful, safe, args.safety_threshold))  # reads prompts and pool
-    policy, tokenizer, params, generator = _load_for_generation(args)
-    cfg.max_seq_len = _max_seq_len(args, policy)
+    policy, tokenizer, params, generator = load_for_generation(args)
+    cfg.max_seq_len = max_seq_len(args, policy)
     summary = rejection.run(policy, tokenizer, dataclasses.replace(params, seed=args.seed), generator)
     print(_report(summary))
 
@@ -45,7 +45,7 @@ def _report(s: dict) -> str:
 
 def add_rejection_sample(p: argparse.ArgumentParser) -> None:
     add_model_options(p)  # --checkpoint etc.: the policy
-    _add_sampling_options(p, max_new_tokens=256)
+    add_sampling_options(p, max_new_tokens=256)
     p.add_argument("--prompts", required=True, help="prompts: a .json/.jsonl/.parquet file of prompt, messages or "
                    "preference rows (an optional boolean \"safety\" marks safety prompts)")
     p.add_argument("--reward-model", required=True, help="reward model folder (llamakit reward's final/); with "
