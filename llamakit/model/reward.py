@@ -60,3 +60,13 @@ def scores(model: Transformer, input_ids: torch.Tensor, last: torch.Tensor) -> t
     """Each row's score at its last real token (B,). Rows are right-padded: a causal model never sees the padding,
     so a score does not depend on the batch it is in."""
     return model(input_ids, logits_at=last)[:, 0, 0]  # (B,)
+
+
+def masked_scores(model: Transformer, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Each row's score (B,) from a padded batch in Hugging Face's form (attention_mask 1 on real tokens), padded
+    on either side: rows are moved to the left edge first, so a score is the same whatever the padding side."""
+    lengths = attention_mask.sum(-1)  # (B,)
+    real = attention_mask.bool()
+    aligned = torch.zeros_like(input_ids)
+    aligned[torch.arange(input_ids.size(1), device=input_ids.device)[None] < lengths[:, None]] = input_ids[real]
+    return scores(model, aligned, lengths - 1)

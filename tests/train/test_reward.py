@@ -10,7 +10,7 @@ import torch
 from llamakit import load_model
 from llamakit.data.preference import EncodedPair, RewardExamples
 from llamakit.model import ModelConfig, Transformer
-from llamakit.model.reward import ScoreHead, apply_reward_head, scores
+from llamakit.model.reward import ScoreHead, apply_reward_head, masked_scores, scores
 from llamakit.train import parse_config
 from llamakit.train.preference import RewardConfig, ranking_losses
 from llamakit.train.reward import RewardRunConfig, reward
@@ -42,6 +42,16 @@ def test_a_score_does_not_depend_on_the_batch():
         alone = [scores(model, *(examples.batch([i])[k] for k in ("input_ids", "last"))) for i in (0, 1)]
     assert torch.allclose(together, torch.cat([alone[0][:1], alone[1][:1], alone[0][1:], alone[1][1:]]), atol=1e-6)
     assert examples.batch([0, 1])["margin"].tolist() == [1.0, 0.0]
+    # Hugging Face's padded form, padded on the left or on the right: the same scores.
+    rows = [[1, 5, 9, 7, 2], [1, 4, 2, 2]]
+    for side in ("left", "right"):
+        ids, mask = torch.zeros(2, 6, dtype=torch.long), torch.zeros(2, 6, dtype=torch.long)
+        for r, row in enumerate(rows):
+            where = slice(6 - len(row), 6) if side == "left" else slice(0, len(row))
+            ids[r, where], mask[r, where] = torch.tensor(row), 1
+        with torch.no_grad():
+            got = masked_scores(model, ids, mask)
+        assert torch.allclose(got, torch.stack([alone[0][0], alone[1][1]]), atol=1e-6), side
 
 
 def test_a_reward_model_learns_a_clear_preference_and_reloads(assets, tmp_path):
