@@ -249,7 +249,7 @@ def read_gguf(path: Path, int4: bool = False) -> tuple[ModelConfig, dict[str, to
         name = our_name(gname)
         if name is None:
             raise CheckpointError(f"{path}: unknown tensor {gname!r}; this is not a plain Llama GGUF")
-        if int4 and info.type == Q.Q4_0 and (name.endswith("_proj.weight") or name == "lm_head.weight"):
+        if int4 and info.type == Q.Q4_0 and name.endswith("_proj.weight"):  # int4 keeps the head at int8
             state.update(_int4_entries(name, contents.data(gname), config))
         else:
             state[name] = permute_rope_rows(name, _float(contents, gname), config, to_halves=True)

@@ -291,5 +291,19 @@ def test_every_model_command_takes_quantize(command):
 def test_llama_build_quantizes(stories):
     llama = Llama.build(stories["bin"], stories["tok_path"], max_seq_len=64, max_batch_size=1, quantize="int4",
                         group_size=64)
-    assert isinstance(llama.model.lm_head, Int4Linear) and llama.model.lm_head.group_size == 64
+    assert isinstance(llama.model.layers[0].mlp.up_proj, Int4Linear) and llama.model.layers[0].mlp.up_proj.group_size == 64
+    assert isinstance(llama.model.lm_head, Int8Linear)  # int4 keeps the output head at int8
     assert llama.text_completion([PROMPT], temperature=0, max_gen_len=8)[0]["generation"]
+
+
+def test_weights_read_at_an_unaligned_offset_are_copied_to_an_aligned_one():
+    layer = Int8Linear.from_weight(torch.randn(128, 64))
+    buffer = torch.zeros(128 * 64 + 8, dtype=torch.int8)
+    shifted = buffer[8:].view(128, 64)  # as a memory-mapped file may place it: 8 bytes past a 64-byte boundary
+    shifted.copy_(layer.qweight)
+    assert shifted.data_ptr() % 64
+    loaded = Int8Linear(64, 128)
+    loaded.load_state_dict({"qweight": shifted, "scales": layer.scales}, assign=True)
+    assert loaded.qweight.data_ptr() % 64 == 0 and torch.equal(loaded.qweight, layer.qweight)
+    x = torch.randn(24, 64)  # enough rows for the kernel's vectorised path, which crashed on unaligned weights
+    torch.testing.assert_close(loaded(x), layer(x), rtol=0, atol=0)
