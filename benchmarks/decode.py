@@ -1,7 +1,10 @@
-"""Decode and prefill speed: llamakit next to transformers `generate`, and against the memory-bandwidth bound.
+"""Decode and prefill speed: llamakit next to transformers `generate` and llama.cpp, and against the memory-bandwidth
+bound; with --quality, greedy text and perplexity of each weight type next to llama.cpp's.
 
     python benchmarks/decode.py [--configs 15m,110m,1b] [--dtypes fp32,bf16] [--batches 1,8]
-                                [--quantize int8,int4] [--group-size 32]
+                                [--quantize int8,int4] [--group-size 32] [--threads 2]
+                                [--llama-cpp | --no-llama-cpp] [--assets ../shared/assets]
+                                [--quality] [--ppl-chars 100000] [--ppl-ctx 512]
                                 [--new-tokens 128] [--repeats 3] [--output results.json]
 
 Both libraries run the same random weights in the same process (llamakit after `prepare_for_decoding`,
@@ -14,6 +17,21 @@ best of a large sum() and a large matrix-vector product. Prefill is timed separa
 --quantize adds llamakit rows with int8/int4 weights (model/quantize.py; the embedding and norms stay fp32).
 transformers has no CPU int8/int4 path here, so those rows repeat its fp32 figure for comparison, and their
 greedy tokens, from other weights, are not compared.
+
+llama.cpp (on by default when benchmarks/llama_cpp.py has built it; --no-llama-cpp skips it) runs the same
+weights, written as GGUF by llamakit's own writer (with the Llama 2 tokenizer from --assets, which llama.cpp
+needs): fp32 -> f32, bf16 -> bf16, and int8 -> Q8_0, int4 -> Q4_0, which the writer quantizes from the fp32 model.
+`llama-bench` times its batch-1 decode (--new-tokens from an empty context) and 512-token prefill at --threads
+threads, just before llamakit's rows of the same type, so the two alternate within one run; `vs llama.cpp` is
+llamakit's tokens/s over llama.cpp's. Details in decode_llama_cpp.py. Everything runs on --threads threads
+(torch.set_num_threads); --configs '' with --quality runs the quality section alone.
+
+--quality uses the real stories260K and tok512 from --assets: the greedy text of llama2.c's run.c test (200 tokens
+from BOS) from llamakit fp32 and each --quantize type and from llama.cpp f32/Q8_0/Q4_0, as characters equal to
+llamakit fp32's; and perplexity on the first --ppl-chars characters (whole lines) of tinyshakespeare, computed as
+`llama-perplexity` does (--ppl-ctx-token chunks, the second half of each scored) next to `llama-perplexity -f`
+on the matching GGUF. tok512 squeezes runs of spaces, which GGUF cannot record; the section says whether the two
+tokenizations of the slice agree.
 """
 
 from __future__ import annotations
@@ -21,9 +39,14 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import os
 import statistics
+import tempfile
 import time
+from pathlib import Path
 
+import decode_llama_cpp  # benchmarks/ is sys.path[0] when this runs as a script
+import llama_cpp
 import torch
 
 from llamakit.checkpoint.hf import config_to_hf
@@ -40,6 +63,7 @@ CONFIGS = {  # ~15M and ~110M: the tinyllamas shapes; ~1B: TinyLlama-1.1B's shap
                       max_seq_len=2048),
 }
 PROMPT_LEN, PREFILL_LEN = 16, 512
+ASSETS = Path(os.environ.get("LLAMAKIT_SHARED_ASSETS", Path(__file__).resolve().parents[2] / "shared" / "assets"))
 GREEDY = SamplingParams(temperature=0)
 
 
@@ -136,59 +160,132 @@ def prefill_pair(ours, theirs, repeats: int) -> dict:
     return {"llamakit_s": median_seconds(run_ours, repeats), "transformers_s": median_seconds(run_theirs, repeats)}
 
 
+def cpp_cells(cpp: dict | None, key: str, ours_tps: float, fmt: str) -> str:
+    """The llama.cpp type, its tokens/s and llamakit's over it (dashes where llama.cpp did not run)."""
+    if not cpp:
+        return "- | - | -"
+    theirs_tps = cpp[f"llama_cpp_{key}_tokens_per_s"]
+    return f"{cpp['llama_cpp_type']} | {theirs_tps:{fmt}} | {ours_tps / theirs_tps:.2f}x"
+
+
 def decode_row(name: str, label: str, batch: int, ours_s: float, theirs_s: float | None, new_tokens: int,
-               step_bytes: int, bandwidth: float, same) -> None:
+               step_bytes: int, bandwidth: float, same, cpp: dict | None) -> None:
     tokens = batch * new_tokens
     ours_tps = tokens / ours_s
     theirs = f"{tokens / theirs_s:.1f} | {theirs_s / ours_s:.2f}x" if theirs_s else "- | -"
+    cpp = cpp_cells(cpp if batch == 1 else None, "decode", ours_tps, ".1f")  # llama-bench decodes batch 1
     bound = 100 * (ours_tps / batch) * step_bytes / bandwidth  # steps/s x bytes/step vs bandwidth
-    print(f"| {name} | {label} | {batch} | {ours_tps:.1f} | {theirs} | {bound:.0f}% | {same} |", flush=True)
+    print(f"| {name} | {label} | {batch} | {ours_tps:.1f} | {theirs} | {cpp} | {bound:.0f}% | {same} |", flush=True)
 
 
-def prefill_row(name: str, label: str, ours_s: float, theirs_s: float | None) -> None:
+def prefill_row(name: str, label: str, ours_s: float, theirs_s: float | None, cpp: dict | None) -> None:
     theirs = f"{PREFILL_LEN / theirs_s:.0f} | {theirs_s / ours_s:.2f}x" if theirs_s else "- | -"
-    print(f"| {name} | {label} | prefill {PREFILL_LEN} | {PREFILL_LEN / ours_s:.0f} | {theirs} | | |", flush=True)
+    cpp = cpp_cells(cpp, "prefill", PREFILL_LEN / ours_s, ".0f")
+    print(f"| {name} | {label} | prefill {PREFILL_LEN} | {PREFILL_LEN / ours_s:.0f} | {theirs} | {cpp} | | |",
+          flush=True)
 
 
-def pair_rows(name: str, dtype_name: str, args, bandwidth: float, results: dict) -> tuple[Transformer, dict]:
-    """Both libraries at each batch size and on prefill; returns our model and transformers' seconds."""
+def llama_cpp_figures(runner: decode_llama_cpp.LlamaCpp | None, model: Transformer, kind: str, args) -> dict:
+    """llama.cpp on `model`'s weights as the GGUF type matching `kind` ({} without llama.cpp or a match)."""
+    if runner is None or kind not in decode_llama_cpp.GGUF_TYPES:
+        return {}
+    try:
+        return runner.bench(model, kind, args.assets / "llama2" / "tokenizer.model", PREFILL_LEN, args.new_tokens)
+    except RuntimeError as e:  # one failed run leaves dashes, not a lost table
+        print(f"(llama.cpp, {kind}: {e})", flush=True)
+        return {}
+
+
+def record(results: dict, name: str, label: str, batch: int | None, cpp: dict, **figures) -> None:
+    """One JSON entry: decode at `batch`, or prefill (batch None); llama.cpp's figure of the same kind beside it."""
+    if batch is None:
+        entry = {"config": name, "dtype": label, "tokens": PREFILL_LEN, **figures}
+        cpp = {k: v for k, v in cpp.items() if "decode" not in k}
+    else:
+        entry = {"config": name, "dtype": label, "batch": batch, **figures}
+        cpp = {k: v for k, v in cpp.items() if "prefill" not in k} if batch == 1 else {}
+    results["prefill" if batch is None else "decode"].append(entry | cpp)
+
+
+def pair_rows(name: str, dtype_name: str, args, bandwidth: float, results: dict,
+              runner: decode_llama_cpp.LlamaCpp | None) -> tuple[Transformer, dict]:
+    """llama.cpp, then llamakit and transformers at each batch size and on prefill; returns our model and
+    transformers' seconds."""
     ours, theirs = build_pair(CONFIGS[name], resolve_dtype(dtype_name))
+    cpp = llama_cpp_figures(runner, ours, dtype_name, args)
     step_bytes, theirs_s = weight_bytes_per_token(ours), {}
     for batch in map(int, args.batches.split(",")):
         r = decode_pair(ours, theirs, batch, args.new_tokens, args.repeats)
         decode_row(name, dtype_name, batch, r["llamakit_s"], r["transformers_s"], args.new_tokens, step_bytes,
-                   bandwidth, r["same_tokens"])
-        results["decode"].append({"config": name, "dtype": dtype_name, "batch": batch,
-                                  "weight_bytes_per_step": step_bytes, **r})
+                   bandwidth, r["same_tokens"], cpp)
+        record(results, name, dtype_name, batch, cpp, weight_bytes_per_step=step_bytes, **r)
         theirs_s[batch] = r["transformers_s"]
     r = prefill_pair(ours, theirs, args.repeats)
-    results["prefill"].append({"config": name, "dtype": dtype_name, "tokens": PREFILL_LEN, **r})
-    prefill_row(name, dtype_name, r["llamakit_s"], r["transformers_s"])
+    record(results, name, dtype_name, None, cpp, **r)
+    prefill_row(name, dtype_name, r["llamakit_s"], r["transformers_s"], cpp)
     theirs_s["prefill"] = r["transformers_s"]
     return ours, theirs_s
 
 
 def quantized_rows(name: str, kind: str, ours: Transformer, theirs_s: dict, args, bandwidth: float,
-                   results: dict) -> None:
-    """llamakit alone with `kind` weights, next to transformers' fp32 seconds (when measured)."""
+                   results: dict, runner: decode_llama_cpp.LlamaCpp | None) -> None:
+    """llama.cpp with the matching GGUF type, then llamakit with `kind` weights, both made from the fp32 `ours`,
+    next to transformers' fp32 seconds (when measured)."""
+    cpp = llama_cpp_figures(runner, ours, kind, args)
     group_size = args.group_size if kind == "int4" else None
     model = prepare_for_decoding(quantize(copy.deepcopy(ours), kind, group_size))
     label = f"{kind} (groups of {group_size})" if group_size else kind
     step_bytes = weight_bytes_per_token(model)
     for batch in map(int, args.batches.split(",")):
         seconds = decode_ours(model, batch, args.new_tokens, args.repeats)
-        decode_row(name, label, batch, seconds, theirs_s.get(batch), args.new_tokens, step_bytes, bandwidth, "-")
-        results["decode"].append({"config": name, "dtype": label, "batch": batch, "weight_bytes_per_step": step_bytes,
-                                  "llamakit_s": seconds, "transformers_fp32_s": theirs_s.get(batch)})
+        decode_row(name, label, batch, seconds, theirs_s.get(batch), args.new_tokens, step_bytes, bandwidth, "-", cpp)
+        record(results, name, label, batch, cpp, weight_bytes_per_step=step_bytes, llamakit_s=seconds,
+               transformers_fp32_s=theirs_s.get(batch))
     seconds = prefill_ours(model, args.repeats)
-    results["prefill"].append({"config": name, "dtype": label, "tokens": PREFILL_LEN, "llamakit_s": seconds,
-                               "transformers_fp32_s": theirs_s.get("prefill")})
-    prefill_row(name, label, seconds, theirs_s.get("prefill"))
+    record(results, name, label, None, cpp, llamakit_s=seconds, transformers_fp32_s=theirs_s.get("prefill"))
+    prefill_row(name, label, seconds, theirs_s.get("prefill"), cpp)
+
+
+def find_llama_cpp(args) -> tuple[dict, str]:
+    """llama.cpp's built binaries (none if skipped or absent) and a line saying which."""
+    bins = llama_cpp.built()
+    needed = ["llama-bench"] if args.configs else []
+    needed += ["llama-server", "llama-perplexity"] if args.quality else []
+    missing = [b for b in needed if b not in bins]
+    if args.llama_cpp is False:
+        return {}, "llama.cpp: skipped (--no-llama-cpp)"
+    if missing and args.llama_cpp:
+        raise SystemExit(f"error: llama.cpp's {', '.join(missing)} not built; run `python benchmarks/llama_cpp.py` "
+                         "once, or pass --no-llama-cpp")
+    if not (args.assets / "llama2" / "tokenizer.model").is_file() and args.configs:
+        return {}, f"llama.cpp: skipped, no Llama 2 tokenizer in {args.assets} (--assets) for its GGUF files"
+    note = f"; {', '.join(missing)} not built: `python benchmarks/llama_cpp.py` builds them" if missing else ""
+    found = [b for b in needed if b in bins]
+    return bins, f"llama.cpp: {', '.join(found) or 'none'} from {llama_cpp.cache_dir() / 'bin'}{note}"
+
+
+def speed_table(args, bandwidth: float, runner: decode_llama_cpp.LlamaCpp | None, results: dict) -> None:
+    print("| config | dtype (llamakit) | batch | llamakit tok/s | transformers tok/s (int8/int4 rows: its fp32) "
+          "| vs transformers | llama.cpp type | llama.cpp tok/s | vs llama.cpp | % of bandwidth bound | same tokens |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    kinds = [k for k in args.quantize.split(",") if k]
+    for name in args.configs.split(","):
+        dtypes = args.dtypes.split(",")
+        for dtype_name in dtypes + (["fp32"] if kinds and "fp32" not in dtypes else []):
+            if dtype_name in dtypes:
+                ours, theirs_s = pair_rows(name, dtype_name, args, bandwidth, results, runner)
+            else:  # quantized rows only: made from an fp32 model, with no transformers figure beside them
+                torch.manual_seed(0)
+                ours, theirs_s = prepare_for_decoding(Transformer(CONFIGS[name]).eval().requires_grad_(False)), {}
+            if dtype_name == "fp32":
+                for kind in kinds:
+                    quantized_rows(name, kind, ours, theirs_s, args, bandwidth, results, runner)
+            del ours
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--configs", default="15m,110m,1b")
+    p.add_argument("--configs", default="15m,110m,1b", help="speed rows for these configs ('' for none)")
     p.add_argument("--dtypes", default="fp32,bf16")
     p.add_argument("--batches", default="1,8")
     p.add_argument("--quantize", default="int8,int4", help="quantized llamakit rows, made from the fp32 model "
@@ -196,29 +293,37 @@ def main() -> None:
     p.add_argument("--group-size", type=int, default=32, help="int4 group size")
     p.add_argument("--new-tokens", type=int, default=128)
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--threads", type=int, default=2, help="CPU threads for torch and llama.cpp alike")
+    p.add_argument("--llama-cpp", action=argparse.BooleanOptionalAction, default=None,
+                   help="run llama.cpp beside llamakit (default: when benchmarks/llama_cpp.py has built it)")
+    p.add_argument("--assets", type=Path, default=ASSETS, help="the shared assets folder")
+    p.add_argument("--quality", action="store_true", help="greedy text and perplexity of stories260K per type")
+    p.add_argument("--ppl-chars", type=int, default=100_000, help="characters of tinyshakespeare for perplexity")
+    p.add_argument("--ppl-ctx", type=int, default=512, help="perplexity chunk length, tokens")
     p.add_argument("--output", help="write all figures as JSON")
     args = p.parse_args()
 
-    bandwidth = measure_bandwidth()
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, measured read bandwidth "
-          f"{bandwidth / 1e9:.1f} GB/s\n")
-    print("| config | dtype (llamakit) | batch | llamakit tok/s | transformers tok/s (int8/int4 rows: its fp32) "
-          "| ratio | % of bandwidth bound | same tokens |")
-    print("|---|---|---|---|---|---|---|---|")
-    results = {"bandwidth_bytes_per_s": bandwidth, "decode": [], "prefill": []}
-    kinds = [k for k in args.quantize.split(",") if k]
-    for name in args.configs.split(","):
-        dtypes = args.dtypes.split(",")
-        for dtype_name in dtypes + (["fp32"] if kinds and "fp32" not in dtypes else []):
-            if dtype_name in dtypes:
-                ours, theirs_s = pair_rows(name, dtype_name, args, bandwidth, results)
-            else:  # quantized rows only: made from an fp32 model, with no transformers figure beside them
-                torch.manual_seed(0)
-                ours, theirs_s = prepare_for_decoding(Transformer(CONFIGS[name]).eval().requires_grad_(False)), {}
-            if dtype_name == "fp32":
-                for kind in kinds:
-                    quantized_rows(name, kind, ours, theirs_s, args, bandwidth, results)
-            del ours
+    stories = args.assets / "tinyllamas" / "stories260K.bin"
+    if args.quality and not stories.is_file():
+        raise SystemExit(f"error: --quality needs {stories} (and tok512.model, corpus/tinyshakespeare_input.txt "
+                         "beside it); point --assets at the shared assets folder")
+    torch.set_num_threads(args.threads)
+    bins, note = find_llama_cpp(args)
+    results = {"threads": args.threads, "llama_cpp": note, "decode": [], "prefill": []}
+    print(note)
+    with tempfile.TemporaryDirectory(prefix="decode-bench-") as tmp:
+        if args.configs:
+            bandwidth = measure_bandwidth()
+            results["bandwidth_bytes_per_s"] = bandwidth
+            print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, measured read bandwidth "
+                  f"{bandwidth / 1e9:.1f} GB/s\n")
+            runner = (decode_llama_cpp.LlamaCpp(bins, args.threads, args.repeats, Path(tmp))
+                      if "llama-bench" in bins else None)
+            speed_table(args, bandwidth, runner, results)
+        if args.quality:
+            kinds = [k for k in args.quantize.split(",") if k]
+            results["quality"] = decode_llama_cpp.quality(args.assets, bins, kinds, args.group_size, args.ppl_chars,
+                                                          args.ppl_ctx, args.threads, Path(tmp))
     if args.output:
         with open(args.output, "w") as f:
             json.dump(results, f, indent=2)

@@ -1,5 +1,5 @@
-"""llama.cpp as a reference: build `llama-server`, `llama-bench` and `llama-quantize` once, and convert checkpoints
-to GGUF.
+"""llama.cpp as a reference: build `llama-server`, `llama-bench`, `llama-quantize` and `llama-perplexity` once,
+and convert checkpoints to GGUF.
 
     python benchmarks/llama_cpp.py                       # build (or find) the binaries, print their paths
     python benchmarks/llama_cpp.py --gguf CKPT OUT.gguf  # also convert a llamakit/HF checkpoint to GGUF f32
@@ -24,7 +24,7 @@ import tempfile
 from pathlib import Path
 
 VERSION = "0.3.36"  # llama-cpp-python release; its vendor/llama.cpp is what gets built
-TARGETS = ("llama-server", "llama-bench", "llama-quantize")
+TARGETS = ("llama-server", "llama-bench", "llama-quantize", "llama-perplexity")
 
 
 class BuildError(RuntimeError):
@@ -46,7 +46,7 @@ def built(version: str = VERSION) -> dict[str, Path]:
 
 
 def binaries(version: str = VERSION, jobs: int = 2) -> dict[str, Path]:
-    """Paths of llama-server, llama-bench and llama-quantize, building them the first time."""
+    """Paths of the TARGETS binaries, building them the first time."""
     bin_dir = cache_dir(version) / "bin"
     found = {name: bin_dir / name for name in TARGETS}
     if all(p.is_file() for p in found.values()):
