@@ -20,15 +20,12 @@ import json
 import logging
 import math
 import re
-import socket
 import statistics
 import subprocess
-import time
-import urllib.request
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+import llama_cpp  # benchmarks/ is sys.path[0] when decode.py runs as a script
 import torch
 import torch.nn.functional as F
 
@@ -103,38 +100,10 @@ def chunked_perplexity(model: Transformer, ids: list[int], n_ctx: int, bos_id: i
 def llama_perplexity(binary: Path, gguf: Path, text_file: Path, n_ctx: int, threads: int) -> float:
     out = run([binary, "-m", gguf, "-f", text_file, "-c", n_ctx, "-b", n_ctx, "-t", threads, *F32_CACHE],
               "llama-perplexity")
-    return float(re.search(r"Final estimate: PPL = ([\d.]+)", out).group(1))
-
-
-@contextmanager
-def llama_server(binary: Path, gguf: Path, threads: int, n_ctx: int):
-    """A llama-server on `gguf` (one slot, f32 KV cache); yields its base URL."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    proc = subprocess.Popen([str(binary), "-m", str(gguf), "--host", "127.0.0.1", "--port", str(port), "-t",
-                             str(threads), "-np", "1", "-c", str(n_ctx), *F32_CACHE, "--no-webui", "--no-warmup"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url, deadline = f"http://127.0.0.1:{port}", time.monotonic() + 60
-    try:
-        while True:
-            try:
-                post(url, "/tokenize", {"content": ""})
-                break
-            except OSError:
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"llama-server did not start on {gguf}") from None
-                time.sleep(0.2)
-        yield url
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
-
-
-def post(url: str, route: str, body: dict) -> dict:
-    request = urllib.request.Request(url + route, json.dumps(body).encode(), {"Content-Type": "application/json"})
-    with urllib.request.urlopen(request, timeout=300) as response:
-        return json.loads(response.read())
+    found = re.search(r"Final estimate: PPL = ([\d.]+)", out)
+    if found is None:  # e.g. a text shorter than the two chunks it needs
+        raise RuntimeError(f"llama-perplexity gave no estimate (raise --ppl-chars or lower --ppl-ctx): {out[-300:]}")
+    return float(found.group(1))
 
 
 def llamakit_quality(source: Path, tok, kind: str, group_size: int, ids: list[int], n_ctx: int) -> dict:
@@ -149,11 +118,11 @@ def llamakit_quality(source: Path, tok, kind: str, group_size: int, ids: list[in
 def llama_cpp_quality(bins: dict[str, Path], gguf: Path, tok, text_file: Path, n_ctx: int, threads: int) -> dict:
     out = {}
     if "llama-server" in bins:
-        with llama_server(bins["llama-server"], gguf, threads, n_ctx) as url:
-            done = post(url, "/completion", {"prompt": [tok.bos_id], "n_predict": RUNC_STEPS, "temperature": 0.0,
+        with llama_cpp.llama_server(bins["llama-server"], gguf, threads, n_ctx) as url:
+            done = llama_cpp.post(url, "/completion", {"prompt": [tok.bos_id], "n_predict": RUNC_STEPS, "temperature": 0.0,
                                              "return_tokens": True, "cache_prompt": False})
             out["text"] = tok.decode(done["tokens"])
-            out["ids"] = post(url, "/tokenize", {"content": text_file.read_text(), "add_special": True})["tokens"]
+            out["ids"] = llama_cpp.post(url, "/tokenize", {"content": text_file.read_text(), "add_special": True})["tokens"]
     if "llama-perplexity" in bins:
         out["ppl"] = llama_perplexity(bins["llama-perplexity"], gguf, text_file, n_ctx, threads)
     return out

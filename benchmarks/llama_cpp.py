@@ -15,12 +15,17 @@ dependencies come with it), torch and transformers.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import tarfile
 import tempfile
+import time
+import urllib.request
+from contextlib import contextmanager
 from pathlib import Path
 
 VERSION = "0.3.36"  # llama-cpp-python release; its vendor/llama.cpp is what gets built
@@ -125,6 +130,39 @@ def _run(cmd: list[str], what: str) -> None:
         lines = [ln.strip() for ln in (done.stderr + done.stdout).splitlines() if ln.strip()]
         errors = [ln for ln in lines if "error" in ln.lower()]
         raise BuildError(f"{what} failed: {(errors or lines or ['exit code %d' % done.returncode])[-1]}")
+
+
+@contextmanager
+def llama_server(binary: Path, gguf: Path, threads: int, n_ctx: int):
+    """A llama-server on `gguf` (one slot, an f32 KV cache: its default f16 cache rounds what llamakit keeps in
+    fp32); yields its base URL."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([str(binary), "-m", str(gguf), "--host", "127.0.0.1", "--port", str(port), "-t",
+                             str(threads), "-np", "1", "-c", str(n_ctx), "-ctk", "f32", "-ctv", "f32", "--no-webui",
+                             "--no-warmup"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url, deadline = f"http://127.0.0.1:{port}", time.monotonic() + 60
+    try:
+        while True:
+            try:
+                post(url, "/tokenize", {"content": ""})
+                break
+            except OSError:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"llama-server did not start on {gguf}") from None
+                time.sleep(0.2)
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+def post(url: str, route: str, body: dict) -> dict:
+    request = urllib.request.Request(url + route, json.dumps(body).encode(), {"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=300) as response:
+        return json.loads(response.read())
 
 
 def main() -> None:

@@ -5,12 +5,8 @@ once (`python benchmarks/llama_cpp.py`); the tests that need it skip, naming tha
 """
 
 import importlib.util
-import json
-import socket
 import subprocess
 import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import gguf
@@ -36,14 +32,15 @@ DIALOG = [{"role": "system", "content": "Be kind."}, {"role": "user", "content":
           {"role": "assistant", "content": "Hello! "}, {"role": "user", "content": " Tell me a story."}]
 
 
-def _llama_cpp() -> dict[str, Path]:
+def _llama_cpp_module():
     spec = importlib.util.spec_from_file_location("bench_llama_cpp", REPO / "benchmarks" / "llama_cpp.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    return module.built()
+    return module
 
 
-LLAMA_CPP = _llama_cpp()  # looked up before _tokenizer_cache points $LLAMAKIT_CACHE elsewhere
+llama_cpp = _llama_cpp_module()  # benchmarks/llama_cpp.py: the build, llama-server
+LLAMA_CPP = llama_cpp.built()  # looked up before _tokenizer_cache points $LLAMAKIT_CACHE elsewhere
 
 
 def need(*names: str) -> list[Path]:
@@ -299,32 +296,8 @@ def test_chat_format_round_trips(stories, tmp_path):
 def llama_server(ours):
     """llama-server on our f32 stories260K: one thread, one slot, fp32 KV cache (its default f16 cache rounds)."""
     (server,) = need("llama-server")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    proc = subprocess.Popen([server, "-m", ours["f32"], "--host", "127.0.0.1", "--port", str(port), "-t", "1",
-                             "-np", "1", "-c", "512", "-ctk", "f32", "-ctv", "f32", "--no-webui", "--no-warmup"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                _post(url, "/tokenize", {"content": ""})
-                break
-            except OSError:
-                assert proc.poll() is None and time.monotonic() < deadline, "llama-server did not start"
-                time.sleep(0.2)
+    with llama_cpp.llama_server(server, ours["f32"], threads=1, n_ctx=512) as url:
         yield url
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
-
-
-def _post(url: str, route: str, body: dict) -> dict:
-    request = urllib.request.Request(url + route, json.dumps(body).encode(), {"Content-Type": "application/json"})
-    with urllib.request.urlopen(request, timeout=60) as response:
-        return json.loads(response.read())
 
 
 def test_llama_cpp_greedy_text_equals_llamakit(stories, ours, llama_server):
@@ -332,8 +305,8 @@ def test_llama_cpp_greedy_text_equals_llamakit(stories, ours, llama_server):
     model, tok = load_checkpoint(ours["f32"])
     for prompt in ("Once upon a time", "Lily and Ben went to the park. They saw a big dog."):
         ids = tok.encode(prompt, bos=True)
-        assert _post(llama_server, "/tokenize", {"content": prompt, "add_special": True})["tokens"] == ids
-        theirs = _post(llama_server, "/completion", {"prompt": ids, "n_predict": 200, "temperature": 0.0,
+        assert llama_cpp.post(llama_server, "/tokenize", {"content": prompt, "add_special": True})["tokens"] == ids
+        theirs = llama_cpp.post(llama_server, "/completion", {"prompt": ids, "n_predict": 200, "temperature": 0.0,
                                                      "return_tokens": True, "cache_prompt": False})
         [mine] = generate(model, tok, [ids], 200, SamplingParams(temperature=0.0))
         assert theirs["tokens"] == mine.tokens and theirs["content"] == mine.text
@@ -343,8 +316,8 @@ def test_llama_cpp_greedy_text_equals_llamakit(stories, ours, llama_server):
 def test_llama_cpp_chats_as_llamakit(ours, llama_server):
     """llama.cpp renders our chat template and tokenizes it into exactly the prompt llamakit's chat encodes."""
     _, tok = load_checkpoint(ours["f32"])
-    prompt = _post(llama_server, "/apply-template", {"messages": DIALOG})["prompt"]
-    ids = _post(llama_server, "/tokenize", {"content": prompt, "add_special": True, "parse_special": True})["tokens"]
+    prompt = llama_cpp.post(llama_server, "/apply-template", {"messages": DIALOG})["prompt"]
+    ids = llama_cpp.post(llama_server, "/tokenize", {"content": prompt, "add_special": True, "parse_special": True})["tokens"]
     assert ids == encode_dialog(tok, DIALOG)
 
 
