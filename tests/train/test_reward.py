@@ -96,3 +96,40 @@ def test_a_reward_model_saved_for_hugging_face_scores_the_same_in_transformers(a
             ours = scores(model, ids, torch.tensor([ids.size(1) - 1]))
             expected = theirs(input_ids=ids).logits[:, 0]
         assert torch.allclose(ours, expected, atol=1e-4), (ours, expected)
+
+
+def test_two_processes_train_a_reward_model_as_one_and_a_killed_run_resumes_exactly(assets, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    from tests.helpers import kill_when_exists
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONHASHSEED": "0"}
+    hh = assets / "preference" / "hh-rlhf_harmless-base_test.jsonl.gz"
+
+    def command(out, *launcher):
+        settings = {"model.path": assets / "tinyllamas" / "stories260K.bin",
+                    "model.tokenizer": assets / "tinyllamas" / "tok512.model", "data.path": hh,
+                    "data.max_examples": 64, "data.val_fraction": 0.12, "data.seq_len": 128, "train.batch_size": 8,
+                    "train.micro_batch_size": 4, "train.device": "cpu", "train.max_steps": 4, "eval.every": 2,
+                    "eval.batches": 1, "checkpoint.every": 2, "log.tensorboard": "false", "log.plot": "false",
+                    "checkpoint.out_dir": out}
+        return [sys.executable, *launcher, "-m", "llamakit", "reward", CONFIG,
+                *(item for key, value in settings.items() for item in (f"--{key}", str(value)))]
+
+    def metrics(out):
+        rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+        return [(r["step"], r.get("loss"), r.get("val_loss"), r.get("accuracy")) for r in rows]
+
+    one, two, broken = tmp_path / "one", tmp_path / "two", tmp_path / "broken"
+    subprocess.run(command(one), env=env, check=True, capture_output=True)
+    done = subprocess.run(command(two, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                                  "29543"), env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    for (s1, *a), (s2, *b) in zip(metrics(one), metrics(two), strict=True):
+        assert s1 == s2 and all(x == y or abs(x - y) < 1e-5 * max(1, abs(x)) for x, y in zip(a, b)), (a, b)
+    kill_when_exists(command(broken), broken / "step-2", env)
+    resumed = subprocess.run([*command(broken), "--resume"], env=env, capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert metrics(broken) == metrics(one)
