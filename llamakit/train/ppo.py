@@ -169,8 +169,8 @@ def build_job(cfg: PPORunConfig, procs: Processes) -> Job:
     if reference is not None:
         aux["reference"] = reference
     objective = PPOObjective(p.clip, p.value_clip, p.vf_coef, p.temperature, p.ptx_coef)
-    # Policy and value model each train (6N per token, or 4N for frozen LoRA weights); sampling costs more.
-    flops = flops_per_token(policy.config, cfg.data.seq_len) * (2 if adapter is None else 5 / 3)
+    # Policy and value model both train: 2 x 6N per token, or 2 x 4N with frozen LoRA bases (rollouts not counted).
+    flops = flops_per_token(policy.config, cfg.data.seq_len) * (2 if adapter is None else 4 / 3)
     return Job(model.train(), objective, LoopData(steps.train_step, [], steps.step_metrics), tokenizer, flops,
                adapter=adapter, base=str(cfg.model.path), aux=aux)
 
