@@ -25,7 +25,7 @@ from llamakit.data.preference import encode_prompt, read_prompts
 from llamakit.errors import ConfigError
 from llamakit.generate.chat import chat_style
 from llamakit.model.lora import apply_lora
-from llamakit.model.reward import apply_reward_head, is_reward_model
+from llamakit.model.reward import apply_reward_head
 from llamakit.tokenizer import check_vocab
 from llamakit.tokenizer.chat import stop_ids_for
 from llamakit.train.batches import EpochOrder, PackedWindows
@@ -34,7 +34,7 @@ from llamakit.train.finetune import BaseModelSection, MethodSection, apply_metho
 from llamakit.train.loop import LoopData
 from llamakit.train.metrics import flops_per_token
 from llamakit.train.parallel import Processes
-from llamakit.train.rewards import Reward, RewardModel
+from llamakit.train.rewards import Reward, RewardModel, load_reward
 from llamakit.train.rl import KL_ESTIMATORS, ActorCritic, PPOObjective
 from llamakit.train.rollout import RolloutSettings, RolloutSteps
 from llamakit.train.runner import Job, run
@@ -180,9 +180,7 @@ def _value_model(cfg: PPORunConfig, procs: Processes) -> torch.nn.Module:
     that starts at zero; trained like the policy (fully, or LoRA plus the head)."""
     path = cfg.ppo.value_model or cfg.ppo.reward_model
     if path is not None:
-        value = load_model(path, dtype=torch.float32, device=procs.device)
-        if not is_reward_model(value):
-            raise ConfigError(f"{path} is a language model, not a reward model; train one with `llamakit reward`")
+        value, _ = load_reward(path, procs.device, torch.float32)
     else:  # a zero head: values start at 0, so early advantages are the rewards themselves, not a random head's noise
         value = apply_reward_head(load_model(cfg.model.path, dtype=torch.float32, device=procs.device))
         torch.nn.init.zeros_(value.lm_head.weight)

@@ -14,10 +14,13 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from llamakit.checkpoint import find_tokenizer, load_model
+from llamakit.checkpoint import find_tokenizer, load_reward_model
+from llamakit.checkpoint.io import read_json
+from llamakit.checkpoint.peft import is_reward_adapter
 from llamakit.data.preference import Prompt
 from llamakit.errors import CheckpointError, ConfigError, DataError
 from llamakit.generate.chat import chat_style
+from llamakit.model.lora import merge_lora
 from llamakit.model.reward import ScoreHead, scores
 from llamakit.tokenizer import Tokenizer, check_vocab, load_tokenizer
 from llamakit.tokenizer.chat import ChatFormatError, encode_exchanges
@@ -60,9 +63,9 @@ class RewardModel:
     @classmethod
     def load(cls, path: str | Path, device: torch.device | str = "cpu", dtype=None,
              batch_size: int = 16) -> RewardModel:
-        """The reward model in folder `path`, with the tokenizer saved beside it."""
-        model = load_model(path, dtype=dtype, device=device)  # first: a wrong path is reported as such
-        tokenizer = find_tokenizer(path)
+        """The reward model in folder `path` (a whole one, or a LoRA reward adapter on the base it records), with
+        the tokenizer saved beside it (or beside that base)."""
+        model, tokenizer = load_reward(path, device, dtype)
         if tokenizer is None:
             raise CheckpointError(f"{path}: no tokenizer file beside the reward model; copy the tokenizer it was "
                                   "trained with into the folder (llamakit reward saves it there)")
@@ -97,6 +100,20 @@ class RewardModel:
             last = torch.tensor([len(sequences[i]) - 1 for i in rows])  # (R,)
             out[rows] = scores(self.model, input_ids.to(device), last.to(device)).float().cpu()  # (R,)
         return out
+
+
+def load_reward(path: str | Path, device: torch.device | str = "cpu", dtype=None) -> tuple[torch.nn.Module, Path | None]:
+    """A whole reward model from a folder, or from a LoRA reward adapter (`llamakit reward` with method lora) merged
+    into the base its adapter_config.json names; and the tokenizer file beside it, else beside that base."""
+    path = Path(path)
+    if not (path / "adapter_config.json").is_file() or not is_reward_adapter(path):
+        return load_reward_model(path, dtype=dtype, device=device), find_tokenizer(path)
+    base = read_json(path / "adapter_config.json").get("base_model_name_or_path")
+    if not base or not Path(base).exists():
+        raise CheckpointError(f"{path}: a reward adapter whose base ({base!r}) is not found from here; merge it first: "
+                              f"llamakit merge --base BASE --adapter {path} --output DIR")
+    model = merge_lora(load_reward_model(base, adapter=path, dtype=dtype, device=device))  # one whole model to score
+    return model, find_tokenizer(path) or find_tokenizer(base)
 
 
 class Reward:

@@ -84,6 +84,8 @@ class Checkpointer:
                 target.mkdir(exist_ok=True)
                 if self.adapter is not None:
                     write_adapter(target, part, self.adapter, own, None if sub else self.base)
+                    if self.tokenizer is not None:  # the base may be a llama2.c file without one beside it
+                        shutil.copyfile(self.tokenizer.path, target / "tokenizer.model")
                 else:
                     write_native(target, part.config, {k: v.contiguous() for k, v in own.items()}, self.tokenizer,
                                  [t.to_dict() for t in applied(part)])  # e.g. a reward model's head: loads as one

@@ -67,7 +67,7 @@ def test_adapter_runs_save_only_the_adapter(finetuned):
         return
     adapter = {"adapter_config.json", "adapter_model.safetensors"}
     assert adapter <= final and "model.safetensors" not in final
-    assert step == adapter | {"optimizer.pt", "trainer.pt", "train_config.yaml"}
+    assert step == adapter | {"tokenizer.model", "optimizer.pt", "trainer.pt", "train_config.yaml"}
     optimizer = torch.load(run / "step-15" / "optimizer.pt", weights_only=True)
     expected = {"lora": 2 * 7 * 5, "prefix": 2 * 5, "prompt": 1}[method]  # 7 targets, 5 layers (tiny-lora.yaml)
     assert len(optimizer["state"]) == expected  # AdamW moments for the adapter's tensors and nothing else

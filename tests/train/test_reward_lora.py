@@ -176,3 +176,17 @@ def test_a_killed_lora_reward_run_resumes_with_identical_losses(assets, tmp_path
 def test_a_reward_model_trains_full_or_lora_only():
     with pytest.raises(ConfigError, match="reward models train full or lora"):
         parse_config(CONFIG, ["--method.name", "prefix"], RewardRunConfig)
+
+
+def test_rejection_sampling_and_ppo_read_a_lora_reward_model_as_its_merged_whole(run, assets, tok):
+    from llamakit.data.preference import Prompt
+    from llamakit.train.rewards import Reward, RewardModel
+
+    loaded = RewardModel.load(run / "final")  # the base named in adapter_config.json, the adapter merged in
+    direct = load_reward_model(assets / "tinyllamas" / "stories260K.bin", adapter=run / "final")
+    batch = _batch(tok)
+    with torch.no_grad():
+        expected = scores(direct, batch["input_ids"], batch["last"])
+    prompt = Prompt([{"role": "user", "content": "Tell me story number 99."}])
+    got = Reward(loaded)([prompt, prompt], [PREFERRED, REFUSED])
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
