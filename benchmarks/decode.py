@@ -1,7 +1,7 @@
 """Decode and prefill speed: llamakit next to transformers `generate` and llama.cpp, and against the memory-bandwidth
 bound; with --quality, greedy text and perplexity of each weight type next to llama.cpp's.
 
-    python benchmarks/decode.py [--configs 15m,110m,1b] [--dtypes fp32,bf16] [--batches 1,8]
+    python benchmarks/decode.py [--configs 15m,110m,1b] [--dtypes fp32,bf16] [--batches 1,8] [--compile]
                                 [--quantize int8,int4] [--group-size 32] [--threads 2]
                                 [--llama-cpp | --no-llama-cpp] [--assets ../shared/assets]
                                 [--quality] [--ppl-chars 100000] [--ppl-ctx 512]
@@ -13,6 +13,9 @@ for exactly --new-tokens tokens after a 16-token prompt; the figure is the media
 after a warm-up. Decoding one token reads every weight once (the embedding table excepted: one row),
 so tokens/s can be at most bandwidth / weight bytes per step; the bandwidth is measured here, as the
 best of a large sum() and a large matrix-vector product. Prefill is timed separately on a 512-token prompt.
+
+--compile adds llamakit rows decoding with the torch.compile'd step (generate/compiled.py), after one run that
+compiles it (compile_s in the JSON); `same tokens` there compares with eager llamakit. --configs 260k: stories260K.
 
 --quantize adds llamakit rows with int8/int4 weights (model/quantize.py; the embedding and norms stay fp32).
 transformers has no CPU int8/int4 path here, so those rows repeat its fp32 figure for comparison, and their
@@ -51,12 +54,14 @@ import torch
 
 from llamakit.checkpoint.hf import config_to_hf
 from llamakit.generate import SamplingParams, generate, prefill
+from llamakit.generate.compiled import CompiledDecode
 from llamakit.generate.decode import prepare_for_decoding
 from llamakit.model import KVCache, ModelConfig, Transformer, resolve_dtype
 from llamakit.model.llama import TiedHead
 from llamakit.model.quantize import quantize
 
-CONFIGS = {  # ~15M and ~110M: the tinyllamas shapes; ~1B: TinyLlama-1.1B's shape (GQA, 32k vocabulary)
+CONFIGS = {  # ~260K, ~15M and ~110M: the tinyllamas shapes; ~1B: TinyLlama-1.1B's shape (GQA, 32k vocabulary)
+    "260k": ModelConfig.from_preset("stories260k"),
     "15m": ModelConfig.from_preset("stories15m").replace(max_seq_len=1024),
     "110m": ModelConfig.from_preset("stories110m").replace(max_seq_len=1024),
     "1b": ModelConfig(dim=2048, n_layers=22, n_heads=32, n_kv_heads=4, vocab_size=32000, hidden_dim=5632,
@@ -115,9 +120,27 @@ def random_prompts(config: ModelConfig, batch: int) -> torch.Tensor:
     return torch.randint(3, config.vocab_size, (batch, PROMPT_LEN), generator=torch.Generator().manual_seed(0))
 
 
-def decode_ours(ours, batch: int, new_tokens: int, repeats: int) -> float:
+def decode_ours(ours, batch: int, new_tokens: int, repeats: int, compiled: CompiledDecode | None = None) -> float:
     prompts = random_prompts(ours.config, batch).tolist()
-    return median_seconds(lambda: generate(ours, None, prompts, new_tokens, GREEDY, stop_ids=frozenset()), repeats)
+    return median_seconds(lambda: generate(ours, None, prompts, new_tokens, GREEDY, stop_ids=frozenset(),
+                                           compiled=compiled), repeats)
+
+
+def compiled_rows(name: str, label: str, ours: Transformer, args, bandwidth: float, results: dict) -> None:
+    """llamakit with the torch.compile'd decode step (--compile): the first run compiles (its seconds are recorded
+    as compile_s); `same tokens` compares its greedy tokens with eager llamakit's."""
+    compiled, step_bytes, label = CompiledDecode(ours), weight_bytes_per_token(ours), f"{label} compiled"
+    for batch in map(int, args.batches.split(",")):
+        prompts = random_prompts(ours.config, batch).tolist()
+        start = time.perf_counter()
+        first = generate(ours, None, prompts, args.new_tokens, GREEDY, stop_ids=frozenset(), compiled=compiled)
+        compile_s = time.perf_counter() - start
+        eager = generate(ours, None, prompts, args.new_tokens, GREEDY, stop_ids=frozenset())
+        same = [c.tokens for c in first] == [c.tokens for c in eager]
+        seconds = decode_ours(ours, batch, args.new_tokens, args.repeats, compiled)
+        decode_row(name, label, batch, seconds, None, args.new_tokens, step_bytes, bandwidth, same, None)
+        record(results, name, label, batch, {}, weight_bytes_per_step=step_bytes, llamakit_s=seconds,
+               compile_s=compile_s, same_tokens_as_eager=same)
 
 
 def decode_pair(ours, theirs, batch: int, new_tokens: int, repeats: int) -> dict:
@@ -220,6 +243,8 @@ def pair_rows(name: str, dtype_name: str, args, bandwidth: float, results: dict,
                    bandwidth, r["same_tokens"], cpp)
         record(results, name, dtype_name, batch, cpp, weight_bytes_per_step=step_bytes, **r)
         theirs_s[batch] = r["transformers_s"]
+    if args.compile:
+        compiled_rows(name, dtype_name, ours, args, bandwidth, results)
     r = prefill_pair(ours, theirs, args.repeats)
     record(results, name, dtype_name, None, cpp, **r)
     prefill_row(name, dtype_name, r["llamakit_s"], r["transformers_s"], cpp)
@@ -301,6 +326,7 @@ def main() -> None:
     p.add_argument("--ppl-chars", type=int, default=100_000, help="characters of tinyshakespeare for perplexity")
     p.add_argument("--ppl-ctx", type=int, default=512, help="perplexity chunk length, tokens")
     p.add_argument("--output", help="write all figures as JSON")
+    p.add_argument("--compile", action="store_true", help="add llamakit rows decoding with the torch.compile'd step")
     args = p.parse_args()
 
     stories = args.assets / "tinyllamas" / "stories260K.bin"

@@ -27,13 +27,24 @@ def generate(args: argparse.Namespace) -> None:
     ids = [tokenizer.encode(p, bos=True) for p in prompts]
     window = max_seq_len(args, model)
     budgets = [_budget(args.max_new_tokens, window, len(p), i) for i, p in enumerate(ids)]
+    compiled = compiled_decode(args, model)
+    speculation = load_speculation(args, model, tokenizer)
+    if speculation is not None and len(ids) > 1:
+        raise LlamakitError("speculative decoding (--draft-checkpoint, --prompt-lookup) takes one prompt at a time")
     start = time.perf_counter()
-    if len(ids) == 1:
+    if speculation is not None:
+        print(prompts[0], end="", flush=True)
+        completions = [_print_stream(speculation.stream(tokenizer, ids[0], budgets[0], params, stop_strings=args.stop,
+                                                        generator=generator))]
+        print(speculation.summary(), file=sys.stderr)
+    elif len(ids) == 1:
         print(prompts[0], end="", flush=True)  # then its continuation as it is generated
-        pieces = stream(model, tokenizer, ids[0], budgets[0], params, stop_strings=args.stop, generator=generator)
+        pieces = stream(model, tokenizer, ids[0], budgets[0], params, stop_strings=args.stop, generator=generator,
+                        compiled=compiled)
         completions = [_print_stream(pieces)]
     else:
-        completions = run_batch(model, tokenizer, ids, budgets, params, stop_strings=args.stop, generator=generator)
+        completions = run_batch(model, tokenizer, ids, budgets, params, stop_strings=args.stop, generator=generator,
+                                compiled=compiled)
         print("\n\n".join(prompt + completion.text for prompt, completion in zip(prompts, completions)))
     if args.stats:
         seconds, produced = time.perf_counter() - start, sum(len(c.tokens) for c in completions)
@@ -57,7 +68,8 @@ def chat(args: argparse.Namespace) -> None:
 
     model, tokenizer, params, generator = load_for_generation(args)
     session = ChatSession(model, tokenizer, max_seq_len=max_seq_len(args, model), max_new_tokens=args.max_new_tokens,
-                          params=params, system=args.system, style=args.chat_format, generator=generator)
+                          params=params, system=args.system, style=args.chat_format, generator=generator,
+                          compiled=compiled_decode(args, model), speculation=load_speculation(args, model, tokenizer))
     adapter = f" + adapter {args.adapter}" if args.adapter else ""
     print(f"chatting with {args.checkpoint}{adapter} ({session.style} format). {CHAT_HELP}")
     while True:
@@ -118,6 +130,8 @@ def _chat_turn(session, text: str) -> None:
         for piece in reply:
             print(piece, end="", flush=True)
         print()
+        if session.speculation is not None:
+            print(session.speculation.summary(), file=sys.stderr)
     except KeyboardInterrupt:
         reply.close()
         print("\n[reply stopped]")
@@ -142,6 +156,57 @@ def load_for_generation(args: argparse.Namespace):
     generator = torch.Generator(device)
     generator.manual_seed(args.seed) if args.seed is not None else generator.seed()
     return prepare_for_decoding(model), tokenizer, params, generator
+
+
+def compiled_decode(args: argparse.Namespace, model):
+    """The torch.compile'd decode step that --compile asks for, else None (eager)."""
+    from llamakit.generate.compiled import CompiledDecode
+
+    return CompiledDecode(model) if args.compile else None
+
+
+def add_compile_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--compile", action="store_true", help="decode with a torch.compile'd step (static shapes): the "
+                   "first token of each batch size waits for a compile (seconds to a minute), later steps run faster")
+
+
+def load_speculation(args: argparse.Namespace, model, tokenizer):
+    """The Speculation that --draft-checkpoint or --prompt-lookup asks for, else None."""
+    from llamakit.checkpoint import load_checkpoint
+    from llamakit.generate import Speculation
+    from llamakit.generate.decode import prepare_for_decoding
+    from llamakit.runtime import default_dtype
+
+    if args.draft_checkpoint and args.prompt_lookup:
+        raise LlamakitError("--draft-checkpoint and --prompt-lookup are two ways to draft; choose one")
+    if not args.draft_checkpoint and not args.prompt_lookup:
+        if args.speculate is not None or args.draft_tokenizer:
+            raise LlamakitError("--speculate and --draft-tokenizer need --draft-checkpoint (or --prompt-lookup)")
+        return None
+    gamma = 4 if args.speculate is None else args.speculate
+    if not args.draft_checkpoint:
+        return Speculation(model, None, gamma, args.max_ngram)
+    device = model.embed_tokens.weight.device
+    draft, draft_tokenizer = load_checkpoint(args.draft_checkpoint, args.draft_tokenizer or args.tokenizer,
+                                             args.dtype or default_dtype(device), device)
+    probe = "Speculative decoding needs one vocabulary: 0123456789, ÄÖÜ, 日本語."
+    if (draft_tokenizer.vocab_size != tokenizer.vocab_size
+            or draft_tokenizer.encode(probe, bos=True) != tokenizer.encode(probe, bos=True)):
+        raise LlamakitError(f"the draft's tokenizer ({draft_tokenizer.vocab_size} tokens) is not the target's "
+                            f"({tokenizer.vocab_size} tokens); give a draft trained with the target's tokenizer, "
+                            "or its tokenizer with --draft-tokenizer")
+    return Speculation(model, prepare_for_decoding(draft.eval()), gamma)
+
+
+def add_speculation_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--draft-checkpoint", help="a small draft model with the same vocabulary: speculative decoding "
+                   "(exact: the output follows the target's distribution)")
+    p.add_argument("--draft-tokenizer", help="the draft's tokenizer (default: --tokenizer, or the one beside the "
+                   "draft); it must be the target's")
+    p.add_argument("--speculate", type=positive_int, metavar="GAMMA", help="tokens drafted per step (default 4)")
+    p.add_argument("--prompt-lookup", action="store_true", help="draft by prompt lookup: the tokens that followed "
+                   "the last n-gram earlier in the prompt or output")
+    p.add_argument("--max-ngram", type=positive_int, default=3, help="longest n-gram prompt lookup matches (default 3)")
 
 
 def quantization(args: argparse.Namespace, device) -> list:
@@ -200,11 +265,15 @@ def add_generate(p: argparse.ArgumentParser) -> None:
     add_sampling_options(p, max_new_tokens=256)
     p.add_argument("--stop", action="append", default=[], metavar="TEXT", help="stop before this text (repeatable)")
     p.add_argument("--stats", action="store_true", help="print the time taken to stderr")
+    add_compile_option(p)
+    add_speculation_options(p)
 
 
 def add_chat(p: argparse.ArgumentParser) -> None:
     add_model_options(p)
     add_sampling_options(p, max_new_tokens=512)
+    add_compile_option(p)
+    add_speculation_options(p)
     p.add_argument("--system", help="system prompt for the whole conversation")
     p.add_argument("--chat-format", choices=["llama2", "llama3", "alpaca"],
                    help="prompt format (default: the one the model or --adapter was tuned with, else the tokenizer's)")

@@ -8,8 +8,10 @@ from collections.abc import Iterator
 import torch
 
 from llamakit.errors import LlamakitError
+from llamakit.generate.compiled import CompiledDecode
 from llamakit.generate.decode import stream
 from llamakit.generate.sampling import SamplingParams
+from llamakit.generate.speculative import Speculation
 from llamakit.model import KVCache, Transformer
 from llamakit.tokenizer import Tokenizer
 from llamakit.tokenizer.chat import (
@@ -34,7 +36,10 @@ class ChatSession:
 
     def __init__(self, model: Transformer, tokenizer: Tokenizer, *, max_seq_len: int, max_new_tokens: int,
                  params: SamplingParams, system: str | None = None, style: str | None = None,
-                 generator: torch.Generator | None = None):
+                 generator: torch.Generator | None = None, compiled: CompiledDecode | None = None,
+                 speculation: Speculation | None = None):
+        self.compiled = compiled  # a compiled decode step (one compile: the cache's shape never changes)
+        self.speculation = speculation  # replies decoded speculatively (with a draft model or prompt lookup)
         self.model, self.tokenizer, self.params, self.generator = model, tokenizer, params, generator
         self.max_seq_len, self.max_new_tokens = max_seq_len, max_new_tokens
         self.style = chat_style(model, tokenizer, style)
@@ -67,8 +72,14 @@ class ChatSession:
         budget = min(self.max_new_tokens, self.max_seq_len - len(prompt))
         answer = []
         try:
-            for piece in stream(self.model, self.tokenizer, prompt, budget, self.params, stop_ids=self.stop_ids,
-                                generator=self.generator, follows_prompt=False, cache=self.cache):
+            if self.speculation is not None:
+                pieces = self.speculation.stream(self.tokenizer, prompt, budget, self.params, stop_ids=self.stop_ids,
+                                                 generator=self.generator, follows_prompt=False)
+            else:
+                pieces = stream(self.model, self.tokenizer, prompt, budget, self.params, stop_ids=self.stop_ids,
+                                generator=self.generator, follows_prompt=False, cache=self.cache,
+                                compiled=self.compiled)
+            for piece in pieces:
                 answer.append(piece)
                 yield piece
         finally:  # also on an interrupted reply, so the next turn sees what the user saw

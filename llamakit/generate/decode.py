@@ -8,10 +8,12 @@ from __future__ import annotations
 import logging
 from collections.abc import Generator, Sequence
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 
 from llamakit.errors import LlamakitError
+from llamakit.generate.compiled import CompiledDecode
 from llamakit.generate.engine import Decoder
 from llamakit.generate.sampling import SamplingParams
 from llamakit.model import KVCache, Transformer
@@ -147,12 +149,13 @@ def generate(model: Transformer, tokenizer: Tokenizer | None, prompts: Sequence[
              max_new_tokens: int | Sequence[int], params: SamplingParams | Sequence[SamplingParams], *,
              stop_ids: frozenset[int] | None = None, stop_strings: Sequence[str] = (), logprobs: bool = False,
              prompt_logprobs: bool = False, generator: torch.Generator | None = None,
-             cache: KVCache | None = None) -> list[Completion]:
+             cache: KVCache | None = None, compiled: CompiledDecode | None = None) -> list[Completion]:
     """Complete every prompt (token ids, BOS included) in one batch; return the completions in order.
 
     Each text continues its prompt: prompt text + completion text reads as the whole sequence. params may
     give each prompt its own settings. A finished row leaves the batch at once. `cache` (free slots for
-    every prompt) is reused across calls; without one, a cache of exactly the needed size is made.
+    every prompt) is reused across calls; without one, a cache of exactly the needed size is made (with
+    `compiled`, which decodes with a compiled step, one rounded up to shapes that nearby calls share).
     """
     budgets = [max_new_tokens] * len(prompts) if isinstance(max_new_tokens, int) else list(max_new_tokens)
     row_params = [params] * len(prompts) if isinstance(params, SamplingParams) else list(params)
@@ -160,11 +163,11 @@ def generate(model: Transformer, tokenizer: Tokenizer | None, prompts: Sequence[
         stop_ids = tokenizer.stop_ids if tokenizer is not None else frozenset()
     if cache is None:
         # max(b, 1): a budget below 1 is then refused as such, not as a prompt too long for the cache
-        cache = KVCache.for_model(model, max(len(prompts), 1),
-                                  max((len(p) + max(b, 1) for p, b in zip(prompts, budgets)), default=1))
+        new_cache = compiled.cache if compiled is not None else partial(KVCache.for_model, model)
+        cache = new_cache(max(len(prompts), 1), max((len(p) + max(b, 1) for p, b in zip(prompts, budgets)), default=1))
     check_prompts(prompts, budgets, cache.free_slots, cache.max_seq_len)
     rows = [RowOutput(tokenizer, b, stop_ids, stop_strings) for b in budgets]
-    decoder = Decoder(model, cache, generator, logprobs)
+    decoder = Decoder(model, cache, generator, logprobs, decode=compiled)
     try:
         requests = decoder.add(prompts, row_params, budgets, prompt_logprobs)
         output = dict(zip(requests, rows))
@@ -182,16 +185,19 @@ def generate(model: Transformer, tokenizer: Tokenizer | None, prompts: Sequence[
 def stream(model: Transformer, tokenizer: Tokenizer, prompt: Sequence[int], max_new_tokens: int,
            params: SamplingParams, *, stop_ids: frozenset[int] | None = None, stop_strings: Sequence[str] = (),
            generator: torch.Generator | None = None, follows_prompt: bool = True,
-           cache: KVCache | None = None) -> Generator[str, None, Completion]:
+           cache: KVCache | None = None, compiled: CompiledDecode | None = None) -> Generator[str, None, Completion]:
     """Yield the completion of one prompt as text pieces, as soon as each is final; return the Completion.
 
     follows_prompt=False decodes the output as a text of its own (e.g. a chat reply: no leading space).
+    `compiled` decodes with a compiled step, as in `generate`.
     """
     stop_ids = tokenizer.stop_ids if stop_ids is None else stop_ids
-    cache = cache or KVCache.for_model(model, 1, len(prompt) + max(max_new_tokens, 1))
+    if cache is None:
+        new_cache = compiled.cache if compiled is not None else partial(KVCache.for_model, model)
+        cache = new_cache(1, len(prompt) + max(max_new_tokens, 1))
     check_prompts([prompt], [max_new_tokens], cache.free_slots, cache.max_seq_len)
     row = RowOutput(tokenizer, max_new_tokens, stop_ids, stop_strings, follows_prompt)
-    decoder = Decoder(model, cache, generator)
+    decoder = Decoder(model, cache, generator, decode=compiled)
     try:
         decoder.add([prompt], [params], [max_new_tokens])
         while not row.done:

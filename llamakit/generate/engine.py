@@ -10,7 +10,7 @@ one by a token per step, and drops a finished one at once, so it costs no more c
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
 import torch
@@ -20,6 +20,8 @@ from llamakit.generate.sampling import RowParams, SamplingParams, probs, sample,
 from llamakit.model import KVCache, Transformer
 
 PREFILL_CHUNK = 512  # tokens per prefill forward: bounds attention memory, keeps the matmuls large
+# decode_one's signature: what a Decoder calls each step (generate/compiled.py has a compiled one)
+DecodeStep = Callable[[Transformer, KVCache, Sequence[int], torch.Tensor], torch.Tensor]
 
 
 @torch.inference_mode()
@@ -114,8 +116,9 @@ class Decoder:
     """
 
     def __init__(self, model: Transformer, cache: KVCache, generator: torch.Generator | None = None,
-                 logprobs: bool = False, prefill_chunk: int = PREFILL_CHUNK):
+                 logprobs: bool = False, prefill_chunk: int = PREFILL_CHUNK, decode: DecodeStep | None = None):
         self.model, self.cache, self.generator, self.logprobs = model, cache, generator, logprobs
+        self.decode = decode or decode_one
         self.prefill_chunk = prefill_chunk
         self.live: list[Request] = []
         self.prefilling: list[Request] = []  # enqueued, prompt not yet all in the cache
@@ -184,7 +187,7 @@ class Decoder:
         fed = [r for r in self.live if r.pending is not None]
         if fed:
             tokens = torch.tensor([r.pending for r in fed], device=self.cache.k.device)
-            logits = decode_one(self.model, self.cache, [r.slot for r in fed], tokens)  # (F, V)
+            logits = self.decode(self.model, self.cache, [r.slot for r in fed], tokens)  # (F, V)
             for r, row in zip(fed, logits):
                 r.logits, r.pending = row, None
         rows = tuple(self.live)

@@ -16,6 +16,7 @@ import torch
 from llamakit.checkpoint import load_checkpoint, load_config
 from llamakit.errors import LlamakitError
 from llamakit.generate.chat import chat_style
+from llamakit.generate.compiled import CompiledDecode
 from llamakit.generate.decode import Completion, check_context, check_prompts, generate, prepare_for_decoding
 from llamakit.generate.sampling import SamplingParams
 from llamakit.model import KVCache, Transformer, resolve_dtype
@@ -35,11 +36,12 @@ class Llama:
               model_parallel_size: int | None = None, seed: int = 1, *, device: str | torch.device | None = None,
               dtype: str | torch.dtype | None = None, chat_format: str | None = None,
               adapter_path: str | Path | None = None, extend_context: bool = False, quantize: str | None = None,
-              group_size: int | None = None) -> Llama:
+              group_size: int | None = None, compile: bool = False) -> Llama:
         """Load any checkpoint (Meta, Hugging Face, llama2.c, llamakit); tokenizer_path None uses the one beside it;
         adapter_path applies a fine-tuned LoRA/prefix/prompt adapter (PEFT format) on top; quantize "int8" or
         "int4" (in groups of group_size) quantizes the linear layers while loading (CPU). max_seq_len beyond the
-        model's own is refused unless extend_context (then a warning)."""
+        model's own is refused unless extend_context (then a warning). compile decodes with a torch.compile'd step
+        (generate/compiled.py): each batch size bucket compiles on first use."""
         if max_seq_len < 2 or max_batch_size < 1:
             raise LlamakitError(f"max_seq_len={max_seq_len} and max_batch_size={max_batch_size} must be at least "
                                 "2 and 1")
@@ -54,11 +56,12 @@ class Llama:
         transforms = quantization(quantize, group_size, device)
         model, tokenizer = load_checkpoint(ckpt_dir, tokenizer_path, resolve_dtype(dtype) or default_dtype(device),
                                            device, adapter=adapter_path, transforms=transforms)
-        return Llama(model, tokenizer, max_seq_len, max_batch_size, seed, chat_format)
+        return Llama(model, tokenizer, max_seq_len, max_batch_size, seed, chat_format, compile)
 
     def __init__(self, model: Transformer, tokenizer: Tokenizer, max_seq_len: int, max_batch_size: int,
-                 seed: int = 1, chat_format: str | None = None):
+                 seed: int = 1, chat_format: str | None = None, compile: bool = False):
         self.model, self.tokenizer = prepare_for_decoding(model), tokenizer
+        self.compiled = CompiledDecode(self.model) if compile else None
         self.max_seq_len, self.max_batch_size = max_seq_len, max_batch_size
         self.cache = KVCache.for_model(model, max_batch_size, max_seq_len)  # allocated once, reused by every call
         self.chat_format = chat_style(model, tokenizer, chat_format)
@@ -114,7 +117,7 @@ class Llama:
         params = SamplingParams(temperature=temperature, top_p=top_p)
         return generate(self.model, self.tokenizer, prompt_tokens, budgets, params, stop_ids=stop_ids,
                         logprobs=logprobs, prompt_logprobs=logprobs and echo, generator=self.generator,
-                        cache=self.cache)
+                        cache=self.cache, compiled=self.compiled)
 
     def _gen_len(self, max_gen_len: int | None) -> int:
         if max_gen_len is None:

@@ -1,0 +1,132 @@
+"""A compiled decode step: `decode_one` with static shapes, so `torch.compile` builds it once per batch bucket.
+
+Eager decoding attends over each slot's tokens so far, so the attended length (and with it every shape in
+attention) grows by one each step; a compiled graph would be rebuilt every step. Here every step attends
+over the cache's whole max_seq_len with a mask built from the slots' lengths (tensors, not Python ints), and
+runs the slots 0..n-1 of the smallest bucket n (1, 2, 4, 8, ... capped at max_slots) that holds every live
+slot: a slot without a token this step is a padding row whose cache write puts back what is there already.
+The shapes then depend only on the bucket and the cache's shape: one compile each (`static_cache` sizes a
+cache so that calls with different prompts share one shape). The model itself is unchanged: the step hands
+it a cache object (`StaticCache`) whose view writes at per-row positions given as tensors.
+
+Costs: the first step of each bucket compiles (seconds to a minute on CPU), and every step attends over all
+max_seq_len positions, however few are filled, so keep the cache no larger than needed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from llamakit.model import KVCache, Transformer
+
+SEQ_MULTIPLE = 256  # static_cache rounds max_seq_len up to a multiple of this: few shapes, little waste
+
+
+def bucket(slots_needed: int, max_slots: int) -> int:
+    """The smallest power of two >= slots_needed, at most max_slots."""
+    return min(1 << (slots_needed - 1).bit_length(), max_slots)
+
+
+def static_cache(model: Transformer, slots: int, seq_len: int) -> KVCache:
+    """A cache for the compiled step: slots rounded up to a bucket, seq_len up to a multiple of SEQ_MULTIPLE
+    (not beyond the model's max_seq_len unless seq_len is), so that nearby requests reuse one compiled graph."""
+    rounded = -(-seq_len // SEQ_MULTIPLE) * SEQ_MULTIPLE
+    return KVCache.for_model(model, bucket(slots, 1 << 30), max(seq_len, min(rounded, model.config.max_seq_len)))
+
+
+class StaticView:
+    """A forward's view of the cache in static shapes: rows are slots 0..B-1, each appending one token at
+    `positions` (B,), attending over all max_seq_len positions up to its own; rows not `valid` write nothing."""
+
+    def __init__(self, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor, valid: torch.Tensor):
+        self.k, self.v, self.valid = k, v, valid
+        B, S = positions.size(0), k.size(3)
+        self.rows = torch.arange(B, device=k.device)  # (B,)
+        self.write_at = positions  # (B,)
+        self.positions = positions[:, None]  # (B, T=1): per-row RoPE positions
+        self.mask = (torch.arange(S, device=k.device) <= positions[:, None])[:, None, None]  # (B, 1, 1, S)
+
+    def layer(self, i: int) -> StaticLayer:
+        return StaticLayer(self, i)
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write one layer's new k, v (B, KV, 1, D) at each row's position; return its keys/values (B, KV, S, D)."""
+        B, keep = self.rows.size(0), self.valid[:, None, None]  # (B, 1, 1)
+        # Index the whole cache tensor (the layer as a tensor too): inductor then writes into it in place,
+        # where a write through a view of it (k[layer]) makes it copy the layer's cache every step.
+        at = (torch.full_like(self.rows, layer), self.rows, slice(None), self.write_at)
+        for cache, new in ((self.k, k), (self.v, v)):
+            cache[at] = torch.where(keep, new[:, :, 0], cache[at])  # (B, KV, D)
+        return self.k[layer, :B], self.v[layer, :B]  # (B, KV, S, D): views, no copy
+
+
+class StaticLayer:
+    def __init__(self, view: StaticView, layer: int):
+        self.view, self.index = view, layer
+
+    def update(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.view.update(self.index, k, v)
+
+
+class StaticCache:
+    """Stands in for a KVCache inside the compiled step: the model asks it for a view and to record the append
+    (which the caller does on the host, outside the graph)."""
+
+    def __init__(self, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor, valid: torch.Tensor):
+        self._view = StaticView(k, v, positions, valid)
+
+    def view(self, slots: Sequence[int], T: int) -> StaticView:
+        return self._view
+
+    def append(self, slots: Sequence[int], T: int) -> None:
+        pass
+
+
+def _static_step(model: Transformer, k: torch.Tensor, v: torch.Tensor, tokens: torch.Tensor,
+                 positions: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """Logits (B, V) after appending tokens (B,) to slots 0..B-1 at positions (B,); the function compiled."""
+    return model(tokens[:, None], StaticCache(k, v, positions, valid))[:, -1]  # (B, V)
+
+
+class CompiledDecode:
+    """A drop-in for `decode_one` (same arguments, same result) that runs a torch.compile'd static-shape step.
+
+    mode: torch.compile's mode; by default "reduce-overhead" (CUDA graphs) on CUDA, and elsewhere inductor's
+    default with its C++ wrapper: a tiny model's step is mostly the Python wrapper's per-kernel overhead, which
+    that removes (stories260K: ~320 -> ~220 us a step on one thread) for a longer compile.
+    """
+
+    def __init__(self, model: Transformer, mode: str | None = None):
+        self.model, self.mode = model, mode
+        self._compiled: dict[str, object] = {}  # by device type
+
+    def cache(self, slots: int, seq_len: int) -> KVCache:
+        """A cache of at least `slots` slots and `seq_len` positions, in shapes nearby requests share."""
+        return static_cache(self.model, slots, seq_len)
+
+    @torch.inference_mode()
+    def __call__(self, model: Transformer, cache: KVCache, slots: Sequence[int], tokens: torch.Tensor) -> torch.Tensor:
+        B, device = bucket(max(slots) + 1, cache.max_slots), cache.k.device
+        index = torch.tensor(slots, device=device)  # (F,)
+        padded = torch.zeros(B, dtype=tokens.dtype, device=device).index_copy_(0, index, tokens)  # (B,)
+        # Rows without a token still need an in-range position; min(length, S - 1) is one (they write nothing).
+        positions = torch.tensor([min(n, cache.max_seq_len - 1) for n in cache.lengths[:B]], device=device)  # (B,)
+        if len(set(slots)) < len(slots) or any(cache.lengths[s] >= cache.max_seq_len for s in slots):
+            cache.view(slots, 1)  # a repeated or full slot: raises the error eager decoding gives
+        valid = torch.zeros(B, dtype=torch.bool, device=device).index_fill_(0, index, True)  # (B,)
+        if device.type == "cuda":  # CUDA graphs keep the cache in place only if its address is static
+            torch._dynamo.mark_static_address(cache.k)
+            torch._dynamo.mark_static_address(cache.v)
+        logits = self._step(device)(model, cache.k, cache.v, padded, positions, valid)
+        cache.append(slots, 1)
+        return logits.index_select(0, index)  # (F, V): a copy, so a CUDA graph's next replay cannot overwrite it
+
+    def _step(self, device: torch.device):
+        if device.type not in self._compiled:
+            mode = self.mode or ("reduce-overhead" if device.type == "cuda" else None)
+            options = {"cpp_wrapper": True} if mode is None and device.type == "cpu" else None
+            self._compiled[device.type] = torch.compile(_static_step, dynamic=False, fullgraph=True, mode=mode,
+                                                        options=options)
+        return self._compiled[device.type]
