@@ -212,19 +212,25 @@ def read_prompts(path: str | Path) -> tuple[list[Prompt], PreferenceReport]:
 def fit_prompt(tokenizer: Tokenizer, prompt: Prompt, style: str | None, max_len: int) -> Prompt:
     """The prompt without its oldest exchanges (a user turn and its answer; a system message stays) until it
     encodes to at most max_len ids, or only its last user turn is left: what a chat model is shown."""
-    system = prompt.messages[:1] if prompt.messages[0]["role"] == "system" else []
-    turns = prompt.messages[len(system):]
-    while len(turns) > 1 and len(_encode_prompt(tokenizer, system + turns, style)) > max_len:
-        turns = turns[2:]
-    return Prompt(system + turns, prompt.safety)
+    return _fit(tokenizer, prompt, style, max_len)[0]
 
 
 def encode_prompt(tokenizer: Tokenizer, prompt: Prompt, style: str | None, max_len: int) -> tuple[list[int], bool]:
     """The ids of the prompt as fit_prompt leaves it, in the chat format up to and including the answer's header;
     a last user turn still too long keeps its last max_len ids. Also whether anything was dropped."""
-    fitted = fit_prompt(tokenizer, prompt, style, max_len)
-    ids = _encode_prompt(tokenizer, fitted.messages, style)
+    fitted, ids = _fit(tokenizer, prompt, style, max_len)
     return ids[-max_len:], len(ids) > max_len or len(fitted.messages) < len(prompt.messages)
+
+
+def _fit(tokenizer: Tokenizer, prompt: Prompt, style: str | None, max_len: int) -> tuple[Prompt, list[int]]:
+    """fit_prompt's prompt and its ids (each candidate encoded once)."""
+    system = prompt.messages[:1] if prompt.messages[0]["role"] == "system" else []
+    turns = prompt.messages[len(system):]
+    ids = _encode_prompt(tokenizer, system + turns, style)
+    while len(turns) > 1 and len(ids) > max_len:
+        turns = turns[2:]
+        ids = _encode_prompt(tokenizer, system + turns, style)
+    return Prompt(system + turns, prompt.safety), ids
 
 
 def _encode_prompt(tokenizer: Tokenizer, messages: list[dict], style: str | None) -> list[int]:
@@ -249,8 +255,8 @@ def encode_pair(tokenizer: Tokenizer, pair: PreferencePair, style: str | None, m
     """Encode in the model's chat format and fit prompt + each answer into max_len ids: an answer keeps its first
     tokens (at least half of max_len when the prompt is long), the prompt its last."""
     try:
-        prompt, chosen = _prompt_and_answer(tokenizer, pair.prompt, pair.chosen, style)
-        prompt_r, rejected = _prompt_and_answer(tokenizer, pair.prompt, pair.rejected, style)
+        prompt, chosen = prompt_and_answer(tokenizer, pair.prompt, pair.chosen, style)
+        prompt_r, rejected = prompt_and_answer(tokenizer, pair.prompt, pair.rejected, style)
     except ChatFormatError as e:
         raise DataError(f"a preference prompt cannot be encoded: {e}") from None
     if prompt_r != prompt:  # tokenisation merged the prompt's end into an answer differently: split where they agree
@@ -266,8 +272,8 @@ def encode_pair(tokenizer: Tokenizer, pair: PreferencePair, style: str | None, m
                        truncated)
 
 
-def _prompt_and_answer(tokenizer: Tokenizer, prompt: list[dict], answer: str, style: str | None
-                       ) -> tuple[list[int], list[int]]:
+def prompt_and_answer(tokenizer: Tokenizer, prompt: list[dict], answer: str, style: str | None
+                      ) -> tuple[list[int], list[int]]:
     """The dialog's ids before the answer, and the answer's ids with the id that ends it."""
     exchanges = encode_exchanges(tokenizer, [*prompt, {"role": "assistant", "content": answer}], style)
     before = [i for p, a in exchanges[:-1] for i in p + a] + exchanges[-1][0]

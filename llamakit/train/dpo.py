@@ -20,12 +20,11 @@ from safetensors.torch import load_file, save_file
 
 from llamakit.checkpoint import load_model
 from llamakit.data.preference import PreferenceDataConfig, PreferenceExamples, load_preferences
-from llamakit.errors import ConfigError
 from llamakit.files import atomic_file
 from llamakit.generate.chat import chat_style
 from llamakit.tokenizer import check_vocab
 from llamakit.train.config import CheckpointSection, RunConfig
-from llamakit.train.finetune import BaseModelSection, MethodSection, apply_method, base_tokenizer
+from llamakit.train.finetune import BaseModelSection, MethodSection, apply_method, base_tokenizer, check_method
 from llamakit.train.metrics import flops_per_token
 from llamakit.train.parallel import Processes
 from llamakit.train.preference import DPOConfig, DPOObjective, sequence_logprobs
@@ -57,8 +56,7 @@ class DPORunConfig(PreferenceRunConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.method.name not in ("full", "lora"):
-            raise ConfigError(f"method.name={self.method.name!r}; DPO trains full or lora")
+        check_method(self.method, ("full", "lora"), "DPO trains")
 
 
 def dpo(cfg: DPORunConfig, resume: bool = False) -> Path:

@@ -50,6 +50,12 @@ class MethodSection:
     virtual_tokens: PrefixConfig = field(default_factory=PrefixConfig)  # prefix and prompt tuning
 
 
+def check_method(method: MethodSection, allowed: tuple[str, ...], who_trains: str, why: str = "") -> None:
+    """Refuse a method the command cannot train, naming the ones it can ("DPO trains full or lora")."""
+    if method.name not in allowed:
+        raise ConfigError(f"method.name={method.name!r}; {who_trains} {' or '.join(allowed)}{why}")
+
+
 @dataclass
 class FinetuneCheckpoints(CheckpointSection):
     out_dir: str = "runs/finetune"

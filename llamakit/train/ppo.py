@@ -30,7 +30,7 @@ from llamakit.tokenizer import check_vocab
 from llamakit.tokenizer.chat import stop_ids_for
 from llamakit.train.batches import EpochOrder, PackedWindows
 from llamakit.train.config import CheckpointSection, RunConfig
-from llamakit.train.finetune import BaseModelSection, MethodSection, apply_method, base_tokenizer
+from llamakit.train.finetune import BaseModelSection, MethodSection, apply_method, base_tokenizer, check_method
 from llamakit.train.loop import LoopData
 from llamakit.train.metrics import flops_per_token
 from llamakit.train.parallel import Processes
@@ -112,8 +112,7 @@ class PPORunConfig(RunConfig):
         if (p.reward_model is None) == (p.reward_function is None):
             raise ConfigError("give exactly one of ppo.reward_model (a reward model folder) and ppo.reward_function "
                               "(module:function)")
-        if self.method.name not in ("full", "lora"):
-            raise ConfigError(f"method.name={self.method.name!r}; PPO trains full or lora")
+        check_method(self.method, ("full", "lora"), "PPO trains")
         if p.rollout_batch_size % t.batch_size:
             raise ConfigError(f"ppo.rollout_batch_size={p.rollout_batch_size} must be a multiple of train.batch_size="
                               f"{t.batch_size} (the minibatch of each optimizer step)")

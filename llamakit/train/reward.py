@@ -14,17 +14,14 @@ from pathlib import Path
 from typing import ClassVar
 
 from llamakit.data.preference import RewardExamples
-from llamakit.errors import ConfigError
 from llamakit.model.reward import apply_reward_head
 from llamakit.train.config import CheckpointSection
 from llamakit.train.dpo import PreferenceRunConfig, load_base_and_pairs
-from llamakit.train.finetune import MethodSection
+from llamakit.train.finetune import MethodSection, check_method
 from llamakit.train.metrics import flops_per_token
 from llamakit.train.parallel import Processes
 from llamakit.train.preference import RewardConfig, RewardObjective
 from llamakit.train.runner import Job, loop_data, run
-
-METHODS = ("full", "lora")
 
 
 @dataclass
@@ -46,9 +43,8 @@ class RewardRunConfig(PreferenceRunConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.method.name not in METHODS:
-            raise ConfigError(f"method.name={self.method.name!r}; reward models train full or lora (a soft prompt "
-                              "or prefix cannot carry the new score head)")
+        check_method(self.method, ("full", "lora"), "reward models train",
+                     " (a soft prompt or prefix cannot carry the new score head)")
 
 
 def reward(cfg: RewardRunConfig, resume: bool = False) -> Path:

@@ -17,13 +17,13 @@ from tqdm import tqdm
 from llamakit.checkpoint import find_tokenizer, load_reward_model
 from llamakit.checkpoint.io import read_json
 from llamakit.checkpoint.peft import is_reward_adapter
-from llamakit.data.preference import Prompt
+from llamakit.data.preference import Prompt, prompt_and_answer
 from llamakit.errors import CheckpointError, ConfigError, DataError
 from llamakit.generate.chat import chat_style
 from llamakit.model.lora import merge_lora
 from llamakit.model.reward import ScoreHead, scores
 from llamakit.tokenizer import Tokenizer, check_vocab, load_tokenizer
-from llamakit.tokenizer.chat import ChatFormatError, encode_exchanges
+from llamakit.tokenizer.chat import ChatFormatError
 
 SAFETY_THRESHOLD = 0.15  # Llama 2 §3.2.3: below this safety score (a probability) an answer counts as unsafe
 
@@ -75,13 +75,11 @@ class RewardModel:
         """dialog + answer as the reward model reads them, fitted to its context: the answer keeps its first tokens
         (at least half the window), the dialog its last."""
         try:
-            exchanges = encode_exchanges(self.tokenizer, [*dialog, {"role": "assistant", "content": answer}],
-                                         self.style)
+            before, reply = prompt_and_answer(self.tokenizer, dialog, answer, self.style)
         except ChatFormatError as e:
             raise DataError(f"an answer cannot be encoded for reward model {self.source}: {e}") from None
-        before = [i for p, a in exchanges[:-1] for i in p + a] + exchanges[-1][0]
         window = self.model.config.max_seq_len
-        reply = exchanges[-1][1][:max(window - len(before), window // 2)]
+        reply = reply[:max(window - len(before), window // 2)]
         return before[max(0, len(before) + len(reply) - window):] + reply
 
     @torch.no_grad()
