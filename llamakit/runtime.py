@@ -8,6 +8,7 @@ llamakit.errors.
 from __future__ import annotations
 
 import atexit
+import dataclasses
 import os
 from dataclasses import dataclass
 
@@ -76,16 +77,56 @@ def _unavailable(device: torch.device) -> str | None:
 
 @dataclass(frozen=True)
 class Processes:
-    """This process's place in the job (torchrun sets RANK, WORLD_SIZE, LOCAL_RANK)."""
+    """This process's place in the job (torchrun sets RANK, WORLD_SIZE, LOCAL_RANK), and the job's layout.
+
+    The ranks form a (pp, dp, tp) grid, tp fastest: `tp` consecutive ranks split every layer of one model
+    replica (tensor parallelism, which wants the fastest links), `pp` pipeline stages each hold a slice of the
+    layers, and the dp = world_size / (tp * pp) replicas each read their own share of the data.
+    """
 
     rank: int
     world_size: int
     local_rank: int
     device: torch.device
+    tp: int = 1
+    pp: int = 1
 
     @property
     def is_main(self) -> bool:
         return self.rank == 0
+
+    @property
+    def dp(self) -> int:
+        return self.world_size // (self.tp * self.pp)
+
+    @property
+    def dp_rank(self) -> int:
+        return self.rank // self.tp % self.dp
+
+    @property
+    def tp_rank(self) -> int:
+        return self.rank % self.tp
+
+    @property
+    def pp_rank(self) -> int:
+        return self.rank // (self.tp * self.dp)
+
+    def with_layout(self, tp: int = 1, pp: int = 1, names: tuple[str, str] = ("tp", "pp")) -> Processes:
+        """The same process in a job whose ranks split each model tp ways and its layers into pp stages;
+        `names` are how the user spells the two settings, for the error."""
+        for name, value in zip(names, (tp, pp)):
+            if not isinstance(value, int) or value < 1:
+                raise LlamakitError(f"{name}={value!r} must be a positive whole number")
+        if self.world_size % (tp * pp):
+            raise LlamakitError(f"{names[0]}={tp} x {names[1]}={pp} does not divide the {self.world_size} processes "
+                                f"of this job; start torchrun with a multiple of {tp * pp} processes "
+                                f"(--nproc_per_node), or change {names[0]}/{names[1]}")
+        return dataclasses.replace(self, tp=tp, pp=pp)
+
+
+def job_size() -> int:
+    """How many processes the torchrun job has (1 outside torchrun)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
 
 
 def init_processes(device: str | torch.device | None = "auto", option: str = "device") -> Processes:
@@ -93,7 +134,7 @@ def init_processes(device: str | torch.device | None = "auto", option: str = "de
 
     A group started here is closed at exit, once every process has reached it, unless close_processes() came first.
     """
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    world_size = job_size()
     rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
     dev = resolve_device(device, option)
     if dev.type == "cuda":
@@ -106,16 +147,24 @@ def init_processes(device: str | torch.device | None = "auto", option: str = "de
 
 
 def device_mesh(procs: Processes) -> DeviceMesh:
-    """The job's processes as a 1-D data-parallel mesh, dimension "dp" (a tensor-parallel one comes later).
+    """The job's processes as a (pp, dp, tp) DeviceMesh (dimensions of size 1 included, so callers index by name:
+    mesh["dp"], mesh["tp"]); made once per layout, as every rank must create its groups together.
 
     A single process outside torchrun gets a one-process group of its own, so the mesh works everywhere.
     """
     if not dist.is_initialized():
         dist.init_process_group(_backend(procs.device), store=dist.HashStore(), rank=0, world_size=1)
-    return init_device_mesh(procs.device.type, (procs.world_size,), mesh_dim_names=("dp",))
+    key = (procs.device.type, procs.pp, procs.dp, procs.tp)
+    if key not in _MESHES:
+        _MESHES[key] = init_device_mesh(procs.device.type, key[1:], mesh_dim_names=("pp", "dp", "tp"))
+    return _MESHES[key]
+
+
+_MESHES: dict[tuple, DeviceMesh] = {}  # the meshes of the current process group, forgotten when it closes
 
 
 def close_processes() -> None:
+    _MESHES.clear()
     if dist.is_initialized():
         dist.destroy_process_group()
 

@@ -121,7 +121,7 @@ def test_torchrun_ranks_join_one_gloo_group_and_a_data_parallel_mesh(tmp_path):
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 0 and "Traceback" not in result.stderr, result.stderr
     for rank in (0, 1):  # each rank's sum over the mesh is 1 + 2
-        assert (tmp_path / f"rank{rank}.txt").read_text() == "2 gloo ('dp',) 2 3"
+        assert (tmp_path / f"rank{rank}.txt").read_text() == "2 gloo ('pp', 'dp', 'tp') 2 3"
 
 
 def test_a_single_process_has_a_one_process_mesh(cpu_only, monkeypatch):
@@ -132,7 +132,25 @@ def test_a_single_process_has_a_one_process_mesh(cpu_only, monkeypatch):
     assert not dist.is_initialized()  # one process needs no group until it asks for the mesh
     try:
         mesh = device_mesh(procs)
-        assert mesh.mesh_dim_names == ("dp",) and mesh.size() == 1 and mesh.get_local_rank("dp") == 0
+        assert mesh.mesh_dim_names == ("pp", "dp", "tp") and mesh.size() == 1 and mesh.get_local_rank("dp") == 0
     finally:
         close_processes()
     assert not dist.is_initialized()
+
+
+def test_the_ranks_form_a_pp_dp_tp_grid_with_tp_fastest():
+    """8 processes as 2 pipeline stages x 2 replicas x 2 tensor-parallel ranks: consecutive ranks split a layer."""
+    grid = [Processes(rank, 8, rank, torch.device("cpu")).with_layout(tp=2, pp=2) for rank in range(8)]
+    assert [(p.pp_rank, p.dp_rank, p.tp_rank) for p in grid] == [
+        (0, 0, 0), (0, 0, 1), (0, 1, 0), (0, 1, 1), (1, 0, 0), (1, 0, 1), (1, 1, 0), (1, 1, 1)]
+    assert {p.dp for p in grid} == {2}
+
+
+@pytest.mark.parametrize("tp, pp, problem", [
+    (3, 1, "tp=3 x pp=1 does not divide the 4 processes of this job; start torchrun with a multiple of 3"),
+    (2, 4, "tp=2 x pp=4 does not divide the 4 processes"),
+    (0, 1, "tp=0 must be a positive whole number"),
+])
+def test_a_layout_that_does_not_fit_the_job_is_refused(tp, pp, problem):
+    with pytest.raises(LlamakitError, match=problem):
+        Processes(0, 4, 0, torch.device("cpu")).with_layout(tp=tp, pp=pp)

@@ -175,21 +175,40 @@ def find_tokenizer(path: str | Path) -> Path | None:
 
 def load_checkpoint(path: str | Path, tokenizer: str | Path | None = None, dtype=None,
                     device: torch.device | str = "cpu", adapter: str | Path | None = None,
-                    transforms: Sequence[Transform] = ()) -> tuple[Transformer, Tokenizer]:
+                    transforms: Sequence[Transform] = (), mesh=None) -> tuple[Transformer, Tokenizer]:
     """Model (with a fine-tuned adapter applied, if given, then the transforms) and tokenizer (given, or found
-    beside the weights), checked to share a vocabulary."""
+    beside the weights), checked to share a vocabulary. With a 1-D DeviceMesh `mesh` of several processes, the
+    model is split over them by tensor parallelism (checkpoint/sharded.py), each reading only its share."""
+    if mesh is not None and mesh.size() > 1:
+        return _load_tensor_parallel(path, tokenizer, dtype, device, adapter, transforms, mesh)
     config = load_config(path)  # first: a wrong path is reported as such, not as a missing tokenizer
-    tokenizer_path = tokenizer or find_tokenizer(path)
-    if tokenizer_path is None:
-        raise CheckpointError(f"{path}: no tokenizer.model beside the weights; pass the tokenizer file explicitly")
-    tok = load_tokenizer(tokenizer_path)
-    check_vocab(tok, config.vocab_size, str(path))
+    tok = _tokenizer_for(path, tokenizer, config)
     # A QLoRA adapter's base is quantized to NF4 as it is read, as in training; other transforms come after LoRA.
     model = load_model(path, dtype=dtype, device=device, transforms=base_transforms(adapter) if adapter else transforms)
     if adapter is not None:  # then the transforms swap the adapted model's layers: LoRA wraps plain projections
         load_adapter(model, adapter)
         model = apply_transforms(model, transforms)
     return model, tok
+
+
+def _tokenizer_for(path: str | Path, tokenizer: str | Path | None, config: ModelConfig) -> Tokenizer:
+    tokenizer_path = tokenizer or find_tokenizer(path)
+    if tokenizer_path is None:
+        raise CheckpointError(f"{path}: no tokenizer.model beside the weights; pass the tokenizer file explicitly")
+    tok = load_tokenizer(tokenizer_path)
+    check_vocab(tok, config.vocab_size, str(path))
+    return tok
+
+
+def _load_tensor_parallel(path, tokenizer, dtype, device, adapter, transforms, mesh) -> tuple[Transformer, Tokenizer]:
+    from llamakit.checkpoint.sharded import load_model_tensor_parallel  # it builds on this module
+
+    if adapter is not None or transforms:
+        raise ConfigError("tensor parallelism runs plain checkpoints: merge the adapter first (llamakit merge) "
+                          "and leave out --quantize")
+    detect_format(path)  # first: a wrong path is reported as such, not as a missing tokenizer
+    model = load_model_tensor_parallel(path, mesh, dtype, device)
+    return model, _tokenizer_for(path, tokenizer, model.config)
 
 
 def _llama2c_files(folder: Path) -> list[Path]:

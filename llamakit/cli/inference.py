@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import select
 import sys
@@ -72,9 +73,10 @@ def chat(args: argparse.Namespace) -> None:
                           compiled=compiled_decode(args, model), speculation=load_speculation(args, model, tokenizer))
     adapter = f" + adapter {args.adapter}" if args.adapter else ""
     print(f"chatting with {args.checkpoint}{adapter} ({session.style} format). {CHAT_HELP}")
+    read = read_line if args.tp == 1 else _read_line_on_first
     while True:
         try:
-            if not _chat_command(session, read_line("\n>>> ")):
+            if not _chat_command(session, read("\n>>> ")):
                 return
         except EOFError:
             print()
@@ -119,6 +121,20 @@ def read_line(prompt: str) -> str:
     return line.removesuffix("\n")
 
 
+def _read_line_on_first(prompt: str) -> str:
+    """With --tp: the first process reads the line, and every process gets it (None stands for end of input)."""
+    import torch.distributed as dist
+
+    box = [None]
+    if dist.get_rank() == 0:
+        with contextlib.suppress(EOFError, KeyboardInterrupt):  # under torchrun, either ends the chat everywhere
+            box[0] = read_line(prompt)
+    dist.broadcast_object_list(box, src=0)
+    if box[0] is None:
+        raise EOFError
+    return box[0]
+
+
 def _chat_turn(session, text: str) -> None:
     """Stream one reply; a LlamakitError (e.g. a message too long) is shown without ending the chat."""
     reply = session.reply(text)
@@ -146,16 +162,47 @@ def load_for_generation(args: argparse.Namespace):
     from llamakit.checkpoint import load_checkpoint
     from llamakit.generate import SamplingParams
     from llamakit.generate.decode import prepare_for_decoding
-    from llamakit.runtime import default_dtype, resolve_device
+    from llamakit.runtime import default_dtype
 
     params = SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, min_p=args.min_p,
                             repetition_penalty=args.repetition_penalty)
-    device = resolve_device(args.device, "--device")
+    device, mesh = model_processes(args)
     model, tokenizer = load_checkpoint(args.checkpoint, args.tokenizer, args.dtype or default_dtype(device), device,
-                                       adapter=args.adapter, transforms=quantization(args, device))
+                                       adapter=args.adapter, transforms=quantization(args, device), mesh=mesh)
     generator = torch.Generator(device)
     generator.manual_seed(args.seed) if args.seed is not None else generator.seed()
+    if mesh is not None:  # every process must draw the same tokens: the first one's seed for all
+        generator.manual_seed(_shared_seed(generator.initial_seed()))
     return prepare_for_decoding(model), tokenizer, params, generator
+
+
+def model_processes(args: argparse.Namespace):
+    """The device, and with --tp N under torchrun the mesh of the N processes that split the model (else None).
+
+    With --tp, only the first process prints; the others compute their share of every token silently."""
+    from llamakit.runtime import device_mesh, init_processes, job_size, resolve_device
+
+    if args.tp == 1:
+        return resolve_device(args.device, "--device"), None
+    world = job_size()
+    if world != args.tp:
+        raise LlamakitError(f"--tp {args.tp} splits the model over {args.tp} processes, but this job has {world}; run "
+                            f"it as torchrun --nproc_per_node {args.tp} -m llamakit {args.command} ...")
+    if getattr(args, "compile", False) or getattr(args, "draft_checkpoint", None) or getattr(args, "prompt_lookup", 0):
+        raise LlamakitError("--tp runs eager, plain decoding: leave out --compile, --draft-checkpoint and "
+                            "--prompt-lookup")
+    procs = init_processes(args.device, "--device").with_layout(tp=args.tp, names=("--tp", "pp"))
+    if not procs.is_main:
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 (for the life of the process)
+    return procs.device, device_mesh(procs)["tp"]
+
+
+def _shared_seed(seed: int) -> int:
+    import torch.distributed as dist
+
+    box = [seed]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 def compiled_decode(args: argparse.Namespace, model):
@@ -246,6 +293,8 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
                    help=f"context window for prompt + reply (default: the model's, at most {DEFAULT_MAX_SEQ_LEN})")
     p.add_argument("--extend-context", action="store_true",
                    help="allow --max-seq-len (and eval's --window) beyond the model's trained context, with a warning")
+    p.add_argument("--tp", type=positive_int, default=1, metavar="N", help="tensor parallelism: split the model over "
+                   "the N processes of `torchrun --nproc_per_node N -m llamakit ...`, each reading only its share")
 
 
 def add_sampling_options(p: argparse.ArgumentParser, max_new_tokens: int) -> None:

@@ -1,8 +1,9 @@
 """Meta's Llama 2/3 reference interface (`Llama.build`, `text_completion`, `chat_completion`) on llamakit.
 
 Argument names, defaults and return shapes follow Meta's reference code, so scripts written for it
-run unchanged, but any checkpoint format loads (Meta shards are merged in one process) and
-device and dtype are chosen from the machine instead of assuming CUDA.
+run unchanged, but any checkpoint format loads and device and dtype are chosen from the machine instead of
+assuming CUDA. Under torchrun the model is split over the processes by tensor parallelism, each reading only its
+share (a Meta checkpoint with one consolidated.NN.pth per process: just its own file).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from llamakit.generate.decode import Completion, check_context, check_prompts, g
 from llamakit.generate.sampling import SamplingParams
 from llamakit.model import KVCache, Transformer, resolve_dtype
 from llamakit.model.quantize import quantization
-from llamakit.runtime import default_dtype, init_processes
+from llamakit.runtime import default_dtype, device_mesh, init_processes
 from llamakit.tokenizer import Tokenizer
 from llamakit.tokenizer.chat import UNSAFE_REPLY, Dialog, encode_dialog, has_special_tags, stop_ids_for
 
@@ -41,21 +42,28 @@ class Llama:
         adapter_path applies a fine-tuned LoRA/prefix/prompt adapter (PEFT format) on top; quantize "int8" or
         "int4" (in groups of group_size) quantizes the linear layers while loading (CPU). max_seq_len beyond the
         model's own is refused unless extend_context (then a warning). compile decodes with a torch.compile'd step
-        (generate/compiled.py): each batch size bucket compiles on first use."""
+        (generate/compiled.py): each batch size bucket compiles on first use. model_parallel_size: processes the
+        model is split over (default: every process of the torchrun job; 1 runs a whole model on each)."""
         if max_seq_len < 2 or max_batch_size < 1:
             raise LlamakitError(f"max_seq_len={max_seq_len} and max_batch_size={max_batch_size} must be at least "
                                 "2 and 1")
-        procs = init_processes(device)  # under torchrun, joins the job's process group as Meta's build does
-        if (model_parallel_size or procs.world_size) > 1:
-            # Every rank holds the whole (merged) model and computes the same tokens; tensor
-            # parallelism, which splits the weights instead, is a separate feature.
-            log.info("running %d replicated processes (model_parallel_size=%s)", procs.world_size, model_parallel_size)
+        # Under torchrun, Meta's build splits the model over all the job's processes (model_parallel_size
+        # defaults to the job's size); so does this one, by tensor parallelism (model/tensor_parallel.py).
+        procs = init_processes(device)
+        mp = model_parallel_size or procs.world_size
+        procs = procs.with_layout(tp=mp, names=("model_parallel_size", "pp"))
+        mesh = device_mesh(procs)["tp"] if mp > 1 else None
+        if mesh is not None and compile:
+            raise LlamakitError("compile=True decodes on one process; with model parallelism leave it out")
         device = procs.device
-        check_context(max_seq_len, load_config(ckpt_dir).max_seq_len, f"max_seq_len={max_seq_len}",
-                      "pass extend_context=True", extend_context)  # before the weights load: that can take minutes
+        if mesh is None:  # before the weights load, which can take minutes (a split load reads no config first)
+            check_context(max_seq_len, load_config(ckpt_dir).max_seq_len, f"max_seq_len={max_seq_len}",
+                          "pass extend_context=True", extend_context)
         transforms = quantization(quantize, group_size, device)
         model, tokenizer = load_checkpoint(ckpt_dir, tokenizer_path, resolve_dtype(dtype) or default_dtype(device),
-                                           device, adapter=adapter_path, transforms=transforms)
+                                           device, adapter=adapter_path, transforms=transforms, mesh=mesh)
+        check_context(max_seq_len, model.config.max_seq_len, f"max_seq_len={max_seq_len}", "pass extend_context=True",
+                      extend_context)
         return Llama(model, tokenizer, max_seq_len, max_batch_size, seed, chat_format, compile)
 
     def __init__(self, model: Transformer, tokenizer: Tokenizer, max_seq_len: int, max_batch_size: int,

@@ -22,10 +22,11 @@ class KVCache:
     """Keys and values (n_layers, max_slots, KV, max_seq_len, D), written in place, and each slot's length."""
 
     def __init__(self, config: ModelConfig, max_slots: int, max_seq_len: int | None = None, *,
-                 dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"):
+                 dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu", kv_heads: int | None = None):
         if max_slots < 1:
             raise LlamakitError(f"a KV cache needs at least 1 slot, got max_slots={max_slots}")
-        shape = (config.n_layers, max_slots, config.kv_heads, max_seq_len or config.max_seq_len, config.head_dim)
+        heads = kv_heads or config.kv_heads  # fewer under tensor parallelism: this process's share
+        shape = (config.n_layers, max_slots, heads, max_seq_len or config.max_seq_len, config.head_dim)
         # Zeros, not empty: a masked-out key still multiplies its value by 0, and 0 * nan is nan.
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
@@ -34,9 +35,11 @@ class KVCache:
 
     @classmethod
     def for_model(cls, model: torch.nn.Module, max_slots: int, max_seq_len: int | None = None) -> KVCache:
-        """A cache in the dtype and on the device of the model's weights."""
+        """A cache in the dtype and on the device of the model's weights, for the key/value heads its attention
+        layers compute (all of them, or a tensor-parallel process's share)."""
         weight = model.embed_tokens.weight
-        return cls(model.config, max_slots, max_seq_len, dtype=weight.dtype, device=weight.device)
+        return cls(model.config, max_slots, max_seq_len, dtype=weight.dtype, device=weight.device,
+                   kv_heads=model.layers[0].self_attn.n_kv_heads)
 
     @property
     def max_slots(self) -> int:

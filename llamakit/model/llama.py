@@ -85,10 +85,12 @@ class Attention(nn.Module):
         self.prefix: nn.Module | None = None  # prefix/prompt tuning: called for (k, v) slots every query sees
 
     def forward(self, x, cos, sin, mask: torch.Tensor | None, kv: LayerCache | None) -> torch.Tensor:
+        # Head counts come from the projections' outputs, not the config: under tensor parallelism each
+        # process computes only its share of the heads.
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
-        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, KV, T, D)
-        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, KV, T, D)
+        q = self.q_proj(x).view(B, T, -1, self.head_dim).transpose(1, 2)  # (B, H, T, D)
+        k = self.k_proj(x).view(B, T, -1, self.head_dim).transpose(1, 2)  # (B, KV, T, D)
+        v = self.v_proj(x).view(B, T, -1, self.head_dim).transpose(1, 2)  # (B, KV, T, D)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if kv is not None:
             k, v = kv.update(k, v)  # (B, KV, S, D): this slot's earlier tokens and the new ones
@@ -98,8 +100,8 @@ class Attention(nn.Module):
             k, v, mask = prepend_prefix(prefix, k, v, mask, T)
             is_causal = False
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal,
-                                           enable_gqa=self.n_kv_heads != self.n_heads)  # (B, H, T, D)
-        return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))  # (B, T, dim)
+                                           enable_gqa=k.size(1) != q.size(1))  # (B, H, T, D)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))  # (B, T, dim)
 
 
 def prepend_prefix(prefix: tuple[torch.Tensor, torch.Tensor], k: torch.Tensor, v: torch.Tensor,

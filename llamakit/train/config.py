@@ -12,6 +12,7 @@ from llamakit.errors import ConfigError
 from llamakit.model import ModelConfig
 
 PRECISIONS = ("fp32", "bf16", "fp16")
+PIPELINE_SCHEDULES = ("1f1b", "gpipe")
 PARALLEL = ("auto", "fsdp", "ddp")
 
 
@@ -70,6 +71,10 @@ class TrainSection:
     activation_checkpointing: bool = False
     compile: bool = False
     parallel: str = "auto"  # with several processes: fsdp (FSDP2 fully_shard) or ddp; auto picks fsdp
+    # Model parallelism (torchrun processes = data-parallel replicas x tensor_parallel x pipeline_parallel):
+    tensor_parallel: int = 1  # processes splitting every layer (DTensor; sequence-parallel norms, vocab-parallel loss)
+    pipeline_parallel: int = 1  # stages splitting the layers; each step's micro-batches flow through them
+    pipeline_schedule: str = "1f1b"  # 1f1b or gpipe
 
 
 @dataclass
@@ -146,6 +151,11 @@ def check(cfg) -> None:
         raise ConfigError(f"train.precision={t.precision!r}; choose one of {', '.join(PRECISIONS)}")
     if t.parallel not in PARALLEL:
         raise ConfigError(f"train.parallel={t.parallel!r}; choose one of {', '.join(PARALLEL)}")
+    for name, value in {"train.tensor_parallel": t.tensor_parallel, "train.pipeline_parallel": t.pipeline_parallel}.items():
+        if not isinstance(value, int) or value < 1:
+            raise ConfigError(f"{name} must be a positive whole number, got {value!r}")
+    if t.pipeline_schedule not in PIPELINE_SCHEDULES:
+        raise ConfigError(f"train.pipeline_schedule={t.pipeline_schedule!r}; choose one of {', '.join(PIPELINE_SCHEDULES)}")
 
 
 def accumulation_steps(cfg: TrainSection, world_size: int) -> int:

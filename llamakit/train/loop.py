@@ -33,9 +33,13 @@ class LoopSettings:
     eval_every: int  # 0: only at the end
     save_every: int  # 0: never (the caller saves the last step: see runner.run_training)
     log_every: int
-    world_size: int = 1
+    world_size: int = 1  # processes in the job
+    data_parallel: int = 1  # model replicas, each reading its own micro-batches (world_size / (tp x pp))
     flops_per_token: float = 0.0
     peak_flops: float = 0.0  # of one device
+    # Where sums over the global batch are taken: the data-parallel replicas (None: every process). Each tensor-
+    # parallel rank computes the same loss, so summing over all of them would count it tp times.
+    group: object = None
 
 
 @dataclass
@@ -53,7 +57,7 @@ def train(model: nn.Module, objective: Objective, optimizer: torch.optim.Optimiz
     device = next(model.parameters()).device
     autocast = _autocast(settings.precision, device)
     if state.step == 0 and settings.eval_every:  # the starting point of the validation curve
-        metrics.record(0, evaluate(model, objective, data.val_batches, autocast, device), show=True)
+        metrics.record(0, evaluate(model, objective, data.val_batches, autocast, device, settings.group), show=True)
     model.train()
     while state.step < settings.max_steps:
         start = time.perf_counter()
@@ -71,7 +75,7 @@ def train(model: nn.Module, objective: Objective, optimizer: torch.optim.Optimiz
             values["mfu"] = tokens * settings.flops_per_token / seconds / (settings.peak_flops * settings.world_size)
         last = state.step == settings.max_steps
         if (settings.eval_every and state.step % settings.eval_every == 0) or last:
-            values.update(evaluate(model, objective, data.val_batches, autocast, device))
+            values.update(evaluate(model, objective, data.val_batches, autocast, device, settings.group))
         metrics.record(state.step, values, show=state.step % settings.log_every == 0 or last or "val_loss" in values)
         if settings.save_every and state.step % settings.save_every == 0 and not last:
             checkpointer.save(model, optimizer, scaler, state)
@@ -83,21 +87,20 @@ def _step(model, objective: Objective, optimizer, micro_batches: list[Batch], au
     """One optimizer step; returns the global means (loss and the objective's metrics, each sum / global weight),
     the global token count and the grad norm."""
     weight, tokens = all_reduce_sum([sum(objective.weight(b) for b in micro_batches),
-                                     sum(objective.tokens(b) for b in micro_batches)], device)
-    # DDP and FSDP average gradients over processes; scale by world_size so the sum over all target
-    # tokens is divided exactly once, by the global weight.
-    scale = settings.world_size / weight
-    sums: dict[str, torch.Tensor] = {}
-    for i, batch in enumerate(micro_batches):
-        batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-        with gradient_sync(model, enabled=i == len(micro_batches) - 1), autocast:
-            loss_sum, own = objective.loss(model, batch)
-        scaled = loss_sum * scale
-        (scaler.scale(scaled) if scaler is not None else scaled).backward()
-        _accumulate(sums, {**own, "loss": loss_sum})
+                                     sum(objective.tokens(b) for b in micro_batches)], device, settings.group)
+    # DDP and FSDP average gradients over the data-parallel replicas; scale by their number so the sum over
+    # all target tokens is divided exactly once, by the global weight.
+    scale = settings.data_parallel / weight
+    pipeline = getattr(model, "pipeline", None)  # pipeline parallel (pipeline.py): its schedule runs the micro-batches
+    if pipeline is not None:
+        sums = pipeline.forward_backward(micro_batches, scale, autocast, device)
+    else:
+        sums = _forward_backward(model, objective, micro_batches, scale, autocast, scaler, device)
     if scaler is not None:
         scaler.unscale_(optimizer)
-    grad_norm = nn.utils.clip_grad_norm_(model.parameters(), settings.grad_clip or float("inf"))
+    max_norm = settings.grad_clip or float("inf")
+    grad_norm = (pipeline.clip_grad_norm(max_norm) if pipeline is not None
+                 else nn.utils.clip_grad_norm_(model.parameters(), max_norm))
     if hasattr(grad_norm, "full_tensor"):  # FSDP2: a DTensor
         grad_norm = grad_norm.full_tensor()
     if scaler is not None:
@@ -106,24 +109,41 @@ def _step(model, objective: Objective, optimizer, micro_batches: list[Batch], au
     else:
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    return _global_means(sums, weight, device), tokens, float(grad_norm)
+    return _global_means(sums, weight, device, settings.group), tokens, float(grad_norm)
+
+
+def _forward_backward(model, objective: Objective, micro_batches: list[Batch], scale: float, autocast, scaler, device
+                      ) -> dict[str, torch.Tensor]:
+    """Forward and backward each micro-batch (gradients accumulate; the all-reduce happens on the last); returns
+    the summed loss and metrics."""
+    sums: dict[str, torch.Tensor] = {}
+    for i, batch in enumerate(micro_batches):
+        batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+        with gradient_sync(model, enabled=i == len(micro_batches) - 1), autocast:
+            loss_sum, own = objective.loss(model, batch)
+        scaled = loss_sum * scale
+        (scaler.scale(scaled) if scaler is not None else scaled).backward()
+        _accumulate(sums, {**own, "loss": loss_sum})
+    return sums
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, objective: Objective, batches: list[Batch], autocast, device) -> dict[str, float]:
+def evaluate(model: nn.Module, objective: Objective, batches: list[Batch], autocast, device, group=None
+             ) -> dict[str, float]:
     """The objective's loss and metrics over the validation batches of every process: val_loss, val_<metric>."""
     model.eval()
     sums: dict[str, torch.Tensor] = {}
     weight = 0.0
+    pipeline = getattr(model, "pipeline", None)  # pipeline parallel: hidden states go stage to stage (pipeline.py)
     for batch in batches:
         batch = {k: v.to(device) for k, v in batch.items()}
         with autocast:
-            loss_sum, own = objective.loss(model, batch)
+            loss_sum, own = objective.loss(model, batch) if pipeline is None else (pipeline.eval_loss(batch), {})
         _accumulate(sums, {**own, "loss": loss_sum})
         weight += objective.weight(batch)
     model.train()
-    (weight,) = all_reduce_sum([weight], device)
-    return {f"val_{name}": value for name, value in _global_means(sums, max(weight, 1), device).items()}
+    (weight,) = all_reduce_sum([weight], device, group)
+    return {f"val_{name}": value for name, value in _global_means(sums, max(weight, 1), device, group).items()}
 
 
 def _accumulate(sums: dict[str, torch.Tensor], values: dict[str, torch.Tensor]) -> None:
@@ -132,10 +152,10 @@ def _accumulate(sums: dict[str, torch.Tensor], values: dict[str, torch.Tensor]) 
         sums[name] = sums.get(name, 0) + value.detach().to(torch.float64)
 
 
-def _global_means(sums: dict[str, torch.Tensor], weight: float, device) -> dict[str, float]:
-    """Each sum over every process, divided by the global weight (every process reports the same names)."""
+def _global_means(sums: dict[str, torch.Tensor], weight: float, device, group=None) -> dict[str, float]:
+    """Each sum over the data-parallel replicas, divided by the global weight (every process reports the same names)."""
     names = sorted(sums)
-    totals = all_reduce_sum([float(sums[name]) for name in names], device)
+    totals = all_reduce_sum([float(sums[name]) for name in names], device, group)
     return {name: total / weight for name, total in zip(names, totals)}
 
 

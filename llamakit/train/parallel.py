@@ -22,6 +22,7 @@ from llamakit import runtime
 from llamakit.errors import ConfigError
 from llamakit.runtime import Processes, close_processes  # noqa: F401 (imported from here by the runner)
 from llamakit.train.config import TrainSection
+from llamakit.train.pipeline import attach_pipeline, split_stage
 
 log = logging.getLogger(__name__)
 
@@ -48,28 +49,37 @@ def keep_freed_memory() -> None:
 
 
 def parallelize(model: nn.Module, cfg: TrainSection, procs: Processes) -> nn.Module:
-    """Apply activation checkpointing, compile and data parallelism to `model`, in that order."""
+    """Apply the pipeline split, activation checkpointing, compile and data parallelism to `model`, in that order."""
+    if procs.pp > 1:  # pipeline parallel: this process keeps its stage's layers; the rest applies to it (pipeline.py)
+        model = split_stage(model, procs)
     if cfg.activation_checkpointing:
-        for block in model.layers:
+        for block in blocks(model):
             # Recompute each block's activations in backward instead of storing them (LLaMA §2.4).
             block.forward = functools.partial(checkpoint, block.forward, use_reentrant=False)
     if cfg.compile:
-        for block in model.layers:
+        for block in blocks(model):
             block.compile()
-    if procs.world_size == 1:
-        return model
+    if procs.dp == 1:
+        return attach_pipeline(model, cfg, procs)
     if _data_parallel_kind(cfg, model) == "fsdp":
         from torch.distributed.fsdp import fully_shard
 
-        for block in model.layers:
-            fully_shard(block)
-        fully_shard(model)
-        return model
+        mesh = runtime.device_mesh(procs)["dp"] if procs.dp < procs.world_size else None  # None: every process
+        for block in blocks(model):
+            fully_shard(block, mesh=mesh)
+        fully_shard(model, mesh=mesh)
+        return attach_pipeline(model, cfg, procs)
     if not any(p.requires_grad for p in model.parameters()):
         return model  # a frozen model (a reference, a reward model) has no gradients for DDP to average
     from torch.nn.parallel import DistributedDataParallel
 
     return DistributedDataParallel(model, device_ids=[procs.device.index] if procs.device.type == "cuda" else None)
+
+
+def blocks(model: nn.Module) -> list[nn.Module]:
+    """The transformer blocks of a model (a ModuleList) or of a pipeline stage (a ModuleDict keyed by layer index)."""
+    layers = model.layers
+    return list(layers.values()) if isinstance(layers, nn.ModuleDict) else list(layers)
 
 
 def _data_parallel_kind(cfg: TrainSection, model: nn.Module) -> str:
@@ -106,10 +116,17 @@ def gradient_sync(model: nn.Module, enabled: bool):
     yield
 
 
-def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
-    """Sum plain numbers over processes (a no-op for one process)."""
+def all_reduce_sum(values: list[float], device: torch.device, group=None) -> list[float]:
+    """Sum plain numbers over the processes of `group` (default: all; a no-op for one process)."""
     if not dist.is_initialized():
         return values
     t = torch.tensor(values, dtype=torch.float64, device=device)
-    dist.all_reduce(t)
+    dist.all_reduce(t, group=group)
     return t.tolist()
+
+
+def data_parallel_group(procs: Processes):
+    """The processes holding the same part of the model and reading different data (None: all of them)."""
+    if procs.tp == procs.pp == 1:
+        return None
+    return runtime.device_mesh(procs)["dp"].get_group()

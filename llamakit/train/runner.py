@@ -17,19 +17,28 @@ from llamakit.errors import ConfigError
 from llamakit.model import resolve_dtype
 from llamakit.tokenizer import Tokenizer
 from llamakit.train.batches import Samples, StepBatches, eval_batches
-from llamakit.train.config import RunConfig, accumulation_steps, dump_yaml
+from llamakit.train.config import RunConfig, TrainSection, accumulation_steps, dump_yaml
 from llamakit.train.loop import LoopData, LoopSettings, train
 from llamakit.train.metrics import MetricsLog, peak_flops, plot_losses
 from llamakit.train.objectives import Objective
 from llamakit.train.optim import build_optimizer, lr_at
-from llamakit.train.parallel import Processes, close_processes, init_processes, keep_freed_memory, parallelize
+from llamakit.train.parallel import (
+    Processes,
+    close_processes,
+    data_parallel_group,
+    init_processes,
+    keep_freed_memory,
+    parallelize,
+)
+from llamakit.train.pipeline import check_pipeline
 from llamakit.train.run_folder import own_run_folder
 from llamakit.train.state import FINAL, Checkpointer, TrainState, step_dirs, step_of
 
 log = logging.getLogger(__name__)
 # Settings that may change when resuming: everything else must match, or the run would not be the same run.
 RESUMABLE_CHANGES = ("train.max_steps", "checkpoint", "log", "eval", "train.device", "train.compile",
-                     "train.activation_checkpointing", "train.parallel", "train.micro_batch_size")
+                     "train.activation_checkpointing", "train.parallel", "train.micro_batch_size",
+                     "train.pipeline_parallel", "train.pipeline_schedule")
 
 
 @dataclass
@@ -52,7 +61,7 @@ class Job:
 def run(cfg: RunConfig, build_job: Callable[[RunConfig, Processes], Job], resume: bool = False) -> Path:
     """Every training command: own the run folder, build the method's job on this process, train it; returns the
     final/ folder."""
-    with processes(cfg.train.device, cfg.checkpoint.out_dir) as procs:
+    with processes(cfg.train, cfg.checkpoint.out_dir) as procs:
         latest = check_run_folder(cfg, Path(cfg.checkpoint.out_dir), resume)
         if latest is not None and latest.name == FINAL:  # a finished run: nothing to load or train
             return latest
@@ -60,10 +69,11 @@ def run(cfg: RunConfig, build_job: Callable[[RunConfig, Processes], Job], resume
 
 
 @contextlib.contextmanager
-def processes(device: str, out_dir: str | Path):
-    """This process's place in the job, for the duration of a run (torch.distributed set up and torn down),
-    with the run folder out_dir owned by this run."""
-    procs = init_processes(device)
+def processes(train: TrainSection, out_dir: str | Path):
+    """This process's place in the job and its layout (data, tensor and pipeline parallel), for the duration of a
+    run (torch.distributed set up and torn down), with the run folder out_dir owned by this run."""
+    procs = init_processes(train.device).with_layout(train.tensor_parallel, train.pipeline_parallel,
+                                                     ("train.tensor_parallel", "train.pipeline_parallel"))
     if procs.device.type == "cpu":
         keep_freed_memory()
     try:
@@ -79,6 +89,7 @@ def run_training(cfg: RunConfig, job: Job, procs: Processes, latest: Path | None
     out_dir = Path(cfg.checkpoint.out_dir)
     checkpointer = Checkpointer(out_dir, cfg.checkpoint.keep_last, procs, job.tokenizer, dump_yaml(cfg),
                                 adapter=job.adapter, base=job.base)
+    check_pipeline(cfg.train, procs, job.objective, job.adapter)  # before anything is split (pipeline.py)
     model = parallelize(job.model, cfg.train, procs)
     for name, frozen in job.aux.items():
         job.aux[name] = parallelize(frozen.to(procs.device).eval().requires_grad_(False), cfg.train, procs)
@@ -92,7 +103,8 @@ def run_training(cfg: RunConfig, job: Job, procs: Processes, latest: Path | None
     settings = LoopSettings(
         max_steps=cfg.train.max_steps, grad_clip=cfg.optim.grad_clip, precision=cfg.train.precision,
         eval_every=cfg.eval.every, save_every=cfg.checkpoint.every, log_every=cfg.log.every,
-        world_size=procs.world_size, flops_per_token=job.flops_per_token,
+        world_size=procs.world_size, data_parallel=procs.dp, group=data_parallel_group(procs),
+        flops_per_token=job.flops_per_token,
         peak_flops=peak_flops(procs.device, resolve_dtype(cfg.train.precision), cfg.log.peak_tflops))
     metrics = MetricsLog(out_dir, procs.is_main, state.step, cfg.train.max_steps, cfg.log.tensorboard, cfg.command)
     start = state.step
@@ -110,11 +122,12 @@ def run_training(cfg: RunConfig, job: Job, procs: Processes, latest: Path | None
 
 
 def loop_data(cfg: RunConfig, train_set: Samples, val_set: Samples, procs: Processes) -> LoopData:
-    """This process's micro-batches of each step, and its share of the validation set."""
+    """This process's micro-batches of each step, and its share of the validation set: the processes of one model
+    replica (its tensor-parallel ranks and pipeline stages) read the same ones."""
     micro = cfg.train.micro_batch_size
-    accumulation_steps(cfg.train, procs.world_size)  # fails early if the global batch does not split evenly
-    steps = StepBatches(train_set, cfg.train.batch_size, micro, procs.rank, procs.world_size, cfg.train.seed)
-    return LoopData(steps.train_step, eval_batches(val_set, cfg.eval.batches, micro, procs.rank, procs.world_size))
+    accumulation_steps(cfg.train, procs.dp)  # fails early if the global batch does not split evenly
+    steps = StepBatches(train_set, cfg.train.batch_size, micro, procs.dp_rank, procs.dp, cfg.train.seed)
+    return LoopData(steps.train_step, eval_batches(val_set, cfg.eval.batches, micro, procs.dp_rank, procs.dp))
 
 
 def check_run_folder(cfg: RunConfig, out_dir: Path, resume: bool) -> Path | None:
