@@ -16,6 +16,8 @@ ALLOWED = {  # layer -> layers it may import (besides the leaves)
     "data": {"data", "tokenizer"},
     "train": {"train", "data", "model", "tokenizer", "checkpoint", "generate"},
     "eval": {"eval", "model", "tokenizer", "checkpoint", "generate"},
+    "guard": {"guard", "model", "tokenizer", "checkpoint", "generate"},
+    "scaling": {"scaling", "train", "data", "model", "checkpoint", "tokenizer"},
 }
 
 

@@ -16,10 +16,19 @@ from llamakit.cli.checkpoints import (
     info,
     quantize,
 )
-from llamakit.cli.data import add_prepare, add_tokenizer, prepare, tokenizer_tools
+from llamakit.cli.data import (
+    add_prepare,
+    add_prepare_classifier,
+    add_tokenizer,
+    prepare,
+    prepare_classifier,
+    tokenizer_tools,
+)
 from llamakit.cli.evaluate import add_eval, evaluate
+from llamakit.cli.guard import add_guard, guard
 from llamakit.cli.inference import add_chat, add_generate, chat, generate
 from llamakit.cli.rejection import add_rejection_sample, rejection_sample
+from llamakit.cli.scaling import add_scaling, scaling
 from llamakit.cli.serve import add_serve, serve
 from llamakit.cli.train import (
     add_dpo,
@@ -47,6 +56,7 @@ COMMANDS = {  # name: (add arguments, run)
     "quantize": (add_quantize, quantize),
     "info": (add_info, info),
     "prepare": (add_prepare, prepare),
+    "prepare-classifier": (add_prepare_classifier, prepare_classifier),
     "tokenizer": (add_tokenizer, tokenizer_tools),
     "pretrain": (add_pretrain, pretrain),
     "finetune": (add_finetune, finetune),
@@ -57,6 +67,8 @@ COMMANDS = {  # name: (add arguments, run)
     "rejection-sample": (add_rejection_sample, rejection_sample),
     "eval": (add_eval, evaluate),
     "serve": (add_serve, serve),
+    "scaling": (add_scaling, scaling),
+    "guard": (add_guard, guard),
 }
 
 
@@ -73,11 +85,11 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, format="%(levelname)s: %(message)s")
     try:
-        COMMANDS[args.command][1](args)
+        status = COMMANDS[args.command][1](args)  # a command may return an exit status (guard: its verdict)
     except LlamakitError as e:
         sys.stderr.write(f"llamakit {args.command}: error: {e}\n")  # one write: torchrun ranks' lines never interleave
         return 1
     except KeyboardInterrupt:
         print(f"llamakit {args.command}: interrupted", file=sys.stderr)
         return 130
-    return 0
+    return status or 0

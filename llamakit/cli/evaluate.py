@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 
 from llamakit.cli.argtypes import context_window, positive_int
-from llamakit.cli.inference import add_model_options, quantization
+from llamakit.cli.inference import add_model_options, model_processes, quantization
 from llamakit.errors import LlamakitError
 
 
@@ -21,7 +21,9 @@ def evaluate(args: argparse.Namespace) -> None:
     model, tokenizer, loaded = _load(args)
     trained = model.config.max_seq_len
     window = context_window(args.max_seq_len, trained, "--max-seq-len", args.extend_context)
-    opts = EvalOptions(window, args.batch_size, args.limit, args.num_fewshot, args.stride, not args.no_progress)
+    opts = EvalOptions(window, args.batch_size, args.limit, args.num_fewshot, args.stride, not args.no_progress,
+                       samples=args.samples, temperature=args.temperature, seed=args.seed, pass_k=args.pass_k,
+                       timeout=args.timeout, workers=args.workers)
     text_window = context_window(args.window, trained, "--window", args.extend_context, default=window)
     runners = []
     for name, path in paths.items():
@@ -74,12 +76,14 @@ def _load(args: argparse.Namespace):
     from llamakit.checkpoint import find_tokenizer, load_checkpoint
     from llamakit.eval.readers import sha256_of
     from llamakit.model.transforms import applied
-    from llamakit.runtime import default_dtype, resolve_device
+    from llamakit.runtime import default_dtype
 
-    device = resolve_device(args.device, "--device")
+    device, mesh = model_processes(args)
     dtype = args.dtype or default_dtype(device)
     model, tokenizer = load_checkpoint(args.checkpoint, args.tokenizer, dtype, device, adapter=args.adapter,
-                                       transforms=quantization(args, device))
+                                       transforms=quantization(args, device), mesh=mesh)
+    if mesh is not None and mesh.get_local_rank() > 0:
+        args.output = None  # every process scores the same examples; the first one writes the results
     checkpoint = Path(args.checkpoint)
     files = [p for p in checkpoint.iterdir() if p.is_file()] if checkpoint.is_dir() else [checkpoint]
     loaded = {"llamakit_version": __version__, "checkpoint": str(checkpoint), "checkpoint_sha256": sha256_of(files),
@@ -93,16 +97,31 @@ def _load(args: argparse.Namespace):
 def add_eval(p: argparse.ArgumentParser) -> None:
     add_model_options(p)
     p.add_argument("--tasks", help="comma-separated: hellaswag, piqa, siqa, arc_easy, arc_challenge, openbookqa, "
-                   "boolq, winogrande, mmlu, nq, triviaqa, perplexity")
+                   "boolq, winogrande, mmlu, nq, triviaqa, race, race_middle, race_high, gsm8k, math, humaneval, mbpp, "
+                   "perplexity")
     p.add_argument("--data", action="append", default=[], metavar="TASK=PATH",
                    help="a task's data file (or folder; MMLU: the folder with dev/ and test/); repeatable")
     p.add_argument("--data-dir", metavar="DIR", help="look for each task's data in DIR/<task folder> (e.g. "
                    "DIR/piqa/valid.jsonl, DIR/mmlu/, DIR/arc/ARC-Easy/ARC-Easy-Test.jsonl)")
     p.add_argument("--limit", type=positive_int, help="evaluate the first N examples of each task (MMLU: per subject)")
     p.add_argument("--batch-size", type=positive_int, default=16, help="sequences per forward pass (default 16)")
-    p.add_argument("--num-fewshot", type=int, choices=range(0, 6), metavar="K",
-                   help="shots for MMLU (default 5) and QA (default 1, at most 1); other tasks are zero-shot")
-    p.add_argument("--seed", type=int, default=0, help="recorded with the results (evaluation is deterministic)")
+    p.add_argument("--num-fewshot", type=int, choices=range(0, 9), metavar="K",
+                   help="shots for MMLU (default 5), QA (default 1, at most 1), gsm8k (default 8) and math (default 4, "
+                   "at most 4); other tasks are zero-shot")
+    p.add_argument("--seed", type=int, default=0, help="seeds the sampled solutions of --samples (the rest of "
+                   "evaluation is deterministic); recorded with the results")
+    p.add_argument("--samples", type=positive_int, default=0, metavar="K",
+                   help="gsm8k, math: also sample K solutions per problem and report maj@k, the accuracy of their most "
+                   "common answer (default 0: greedy only); humaneval, mbpp: sample K completions per problem for "
+                   "pass@k (default 0: one greedy completion, pass@1)")
+    p.add_argument("--temperature", type=float, default=0.6, help="sampling temperature of --samples (default 0.6, "
+                   "top-p 1; humaneval, mbpp: top-p 0.95)")
+    p.add_argument("--pass-k", type=_pass_k, default=(1,), metavar="K,K", help="humaneval, mbpp: report pass@k for "
+                   "these k (default 1; each at most --samples)")
+    p.add_argument("--timeout", type=_seconds, default=3.0, help="humaneval, mbpp: wall-clock seconds each program "
+                   "may run in the sandbox (default 3)")
+    p.add_argument("--workers", type=positive_int, help="humaneval, mbpp: programs run at once (default: the CPU "
+                   "count)")
     p.add_argument("--output", help="write settings, metrics and per-example records to this JSON file (rewritten "
                    "after each task)")
     p.add_argument("--text", metavar="FILE", help="also report the perplexity of this text file")
@@ -110,3 +129,18 @@ def add_eval(p: argparse.ArgumentParser) -> None:
     p.add_argument("--stride", type=positive_int, help="perplexity: start a window every N tokens (default: the "
                    "window, i.e. independent chunks; smaller gives every token more context)")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bars")
+
+
+def _pass_k(text: str) -> tuple[int, ...]:
+    """Comma-separated k of pass@k, e.g. 1,10,100."""
+    return tuple(dict.fromkeys(positive_int(k.strip()) for k in text.split(",")))
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = 0.0
+    if not 0 < value < 3600:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds (above 0, below 3600)")
+    return value

@@ -30,23 +30,26 @@ def generate(args: argparse.Namespace) -> None:
     budgets = [_budget(args.max_new_tokens, window, len(p), i) for i, p in enumerate(ids)]
     compiled = compiled_decode(args, model)
     speculation = load_speculation(args, model, tokenizer)
-    if speculation is not None and len(ids) > 1:
-        raise LlamakitError("speculative decoding (--draft-checkpoint, --prompt-lookup) takes one prompt at a time")
     start = time.perf_counter()
-    if speculation is not None:
-        print(prompts[0], end="", flush=True)
-        completions = [_print_stream(speculation.stream(tokenizer, ids[0], budgets[0], params, stop_strings=args.stop,
-                                                        generator=generator))]
-        print(speculation.summary(), file=sys.stderr)
-    elif len(ids) == 1:
+    if len(ids) == 1:
         print(prompts[0], end="", flush=True)  # then its continuation as it is generated
-        pieces = stream(model, tokenizer, ids[0], budgets[0], params, stop_strings=args.stop, generator=generator,
-                        compiled=compiled)
+        if speculation is not None:
+            pieces = speculation.stream(tokenizer, ids[0], budgets[0], params, stop_strings=args.stop,
+                                        generator=generator)
+        else:
+            pieces = stream(model, tokenizer, ids[0], budgets[0], params, stop_strings=args.stop, generator=generator,
+                            compiled=compiled)
         completions = [_print_stream(pieces)]
     else:
-        completions = run_batch(model, tokenizer, ids, budgets, params, stop_strings=args.stop, generator=generator,
-                                compiled=compiled)
+        if speculation is not None:  # one batch too: every row drafts, one target forward verifies them all
+            completions = speculation.generate(tokenizer, ids, budgets, params, stop_strings=args.stop,
+                                               generator=generator)
+        else:
+            completions = run_batch(model, tokenizer, ids, budgets, params, stop_strings=args.stop,
+                                    generator=generator, compiled=compiled)
         print("\n\n".join(prompt + completion.text for prompt, completion in zip(prompts, completions)))
+    if speculation is not None:
+        print(speculation.summary(), file=sys.stderr)
     if args.stats:
         seconds, produced = time.perf_counter() - start, sum(len(c.tokens) for c in completions)
         print(f"{produced} tokens in {seconds:.2f} s ({produced / seconds:.1f} tokens/s, prefill included)",

@@ -63,6 +63,49 @@ def count_lines(docs: Iterable[str], min_chars: int) -> Counter[bytes]:
     return counts
 
 
+def line_digests(doc: str, min_chars: int) -> set[bytes]:
+    """The digests of doc's line keys of at least min_chars: what the boilerplate count table counts per document."""
+    return {_line_hash(key) for key in map(line_key, doc.split("\n")) if len(key) >= min_chars}
+
+
+def common_lines(docs: Iterable[tuple[bytes, set[bytes]]], min_docs: int) -> dict[bytes, int]:
+    """Streaming pass 1: {digest: position of the first document holding it} for the lines in min_docs or more
+    distinct documents, from each document's (exact_key, line_digests) in corpus order.
+
+    The count table holds one 8-byte digest per distinct long line of the corpus (never text), so its
+    memory grows with the distinct lines, as CCNet's per-shard tables do.
+    """
+    counts: Counter[bytes] = Counter()
+    first: dict[bytes, int] = {}
+    seen: set[bytes] = set()
+    for position, (doc_key, digests) in enumerate(docs):
+        if doc_key in seen:  # a copy counts once; the original came first, so `first` is already set
+            continue
+        seen.add(doc_key)
+        counts.update(digests)
+        for digest in digests:
+            first.setdefault(digest, position)
+    return {digest: first[digest] for digest, n in counts.items() if n >= min_docs}
+
+
+def drop_common_lines(doc: str, position: int, common: dict[bytes, int], min_chars: int,
+                      stats: BoilerplateStats) -> str:
+    """Streaming pass 2: doc (at position in the corpus) without its common lines, but for those whose first holder
+    it is: the same result as remove_boilerplate, one document at a time."""
+    if not common:
+        return doc
+    kept = []
+    for line in doc.split("\n"):
+        key = line_key(line)
+        first = common.get(_line_hash(key)) if len(key) >= min_chars else None
+        if first is not None and first != position:
+            stats.lines_dropped += 1
+            stats.chars_dropped += len(line) + 1
+            continue
+        kept.append(line)
+    return _BLANK_RUN.sub("\n\n", "\n".join(kept)).strip("\n")
+
+
 @dataclass
 class BoilerplateStats:
     """What the boilerplate pass removed."""

@@ -17,6 +17,7 @@ from functools import partial
 _SPACE_RUN = re.compile(r"\s+")
 _WORD = re.compile(r"\w+")
 UNITS = ("word", "char")
+_UPDATE_BATCH = 1024  # shingles hashed at once: 1 MB of scratch at 128 permutations, whatever the document
 
 
 @dataclass
@@ -85,7 +86,9 @@ def signature(text: str, config: DedupConfig):
     from datasketch import LeanMinHash, MinHash
 
     minhash = MinHash(num_perm=config.num_perm, seed=config.seed)
-    minhash.update_batch([s.encode("utf-8", "replace") for s in shingles(text, config.ngram, config.unit)])
+    grams = [s.encode("utf-8", "replace") for s in shingles(text, config.ngram, config.unit)]
+    for start in range(0, len(grams), _UPDATE_BATCH):  # update_batch holds a (batch, num_perm) uint64 array
+        minhash.update_batch(grams[start:start + _UPDATE_BATCH])
     return LeanMinHash(minhash)
 
 

@@ -1,26 +1,30 @@
-"""`prepare`: raw text files -> cleaned, deduplicated, tokenised, packed shards (see shards.py).
+"""`prepare`: raw text files -> cleaned, deduplicated, tokenised, packed shards (see shards.py), streamed.
 
-Stages, in order: read -> normalise -> drop boilerplate lines -> quality/language filters ->
-exact dedup -> near dedup -> train/val split -> tokenise (worker processes) -> shards -> meta.json.
-The cleaned corpus is held in memory between stages (dedup compares every document with all
-earlier ones); only the token ids are streamed to disk. Every stage keeps corpus order, so the
-output is the same whatever the number of workers. The new folder is built beside the output
-(`.NAME.tmp-PID`) and renamed into place when complete, so an earlier result survives until then.
+Stages, in order: read -> normalise -> drop boilerplate lines -> heuristic/language filters -> n-gram
+perplexity and quality-classifier filters (optional) -> exact dedup -> near dedup (MinHash) -> semantic
+dedup (optional) -> train/val split by a hash of each document -> shards -> meta.json.
+
+Documents stream through in bounded memory: worker processes run the per-document stages
+(pipeline.DocumentStages.clean, then tokenising) on chunks, at most 2 x workers chunks in flight, and the
+main process applies dedup in corpus order and appends ids to the shards. What grows with the corpus is
+dedup state, never text: the boilerplate pass's 8-byte digest per distinct long line, a 16-byte digest
+and a MinHash signature (8 x num_perm bytes) per kept document, and with semantic dedup its embedding.
+Boilerplate needs line counts over the whole corpus before any document is cleaned, so the inputs are
+read twice (once when --boilerplate-min-docs is 0). The output does not depend on the number of workers.
+The new folder is built beside the output (`.NAME.tmp-PID`) and renamed into place when complete, so an
+earlier result survives until then.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-import hashlib
 import itertools
+import json
 import logging
 import math
-import multiprocessing
-import os
 import re
-import signal
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -29,12 +33,32 @@ import numpy as np
 from tqdm import tqdm
 
 from llamakit.data import shards
-from llamakit.data.clean import FILTER_NAMES, FilterConfig, LanguageFilter, normalize_text, quality_issue, remove_boilerplate
-from llamakit.data.dedup import DedupConfig, Removed, remove_exact_duplicates, remove_near_duplicates
+from llamakit.data.clean import FilterConfig, common_lines, line_digests, normalize_text
+from llamakit.data.dedup import DedupConfig, exact_key
+from llamakit.data.ngram import BUCKETS
+from llamakit.data.pipeline import (
+    STAGE_FILTERS,
+    DocumentStages,
+    ModelFilterConfig,
+    Outcome,
+    SemanticConfig,
+    SplitWriter,
+    StreamDeduplicator,
+    bounded_map,
+    build_stages,
+    check_model_filters,
+    document_issue,
+    mapper,
+    unit_hash,
+    worker_count,
+)
 from llamakit.data.sources import input_fingerprint, read_documents, resolve_inputs
 from llamakit.errors import DataError
 from llamakit.files import atomic_directory, remove_stale_temporaries, write_atomic
 from llamakit.tokenizer import load_tokenizer
+
+__all__ = ["CHUNK_DOCS", "PrepareConfig", "clean_corpus", "document_issue", "encode_documents", "prepare",
+           "settings_of", "split_documents"]
 
 logger = logging.getLogger(__name__)
 
@@ -47,7 +71,7 @@ _NOT_COMPARED = ("inputs", "output", "tokenizer", "workers", "force")
 
 @dataclasses.dataclass
 class PrepareConfig:
-    """What to prepare and how. Filter and dedup defaults are documented in clean.py and dedup.py."""
+    """What to prepare and how. Filter and dedup defaults are documented in clean.py, dedup.py and pipeline.py."""
 
     inputs: list[str]  # files, folders, glob patterns (see sources.py)
     output: Path
@@ -59,21 +83,30 @@ class PrepareConfig:
     boilerplate_min_docs: int = 10  # drop lines found in this many documents or more (CCNet); 0 disables
     boilerplate_min_chars: int = 30  # shorter lines are never boilerplate (keeps code's "return x", "}")
     filters: FilterConfig = dataclasses.field(default_factory=FilterConfig)
+    models: ModelFilterConfig = dataclasses.field(default_factory=ModelFilterConfig)
     dedup: DedupConfig = dataclasses.field(default_factory=DedupConfig)
+    semantic: SemanticConfig = dataclasses.field(default_factory=SemanticConfig)
     val_fraction: float = 0.005  # share of documents held out for validation
     shard_tokens: int = 100_000_000  # tokens per shard file
-    workers: int | None = None  # processes for filtering, MinHash and tokenising (default: all CPUs)
+    workers: int | None = None  # processes for the per-document stages and tokenising (default: all CPUs)
     force: bool = False  # re-prepare an output folder that holds other data
 
 
-def prepare(config: PrepareConfig) -> dict[str, Any]:
-    """Prepare config.inputs into config.output; returns the report (what each stage removed, tokens per split)."""
+def prepare(config: PrepareConfig, embedder=None) -> dict[str, Any]:
+    """Prepare config.inputs into config.output; returns the report (what each stage removed, tokens per split).
+
+    With config.semantic.checkpoint, embedder is a semantic.Embedder over that checkpoint's model, or a function
+    returning one, called only if the corpus is read (the CLI loads it; the data layer does not load checkpoints).
+    """
     _check_config(config)
+    if config.semantic.checkpoint and embedder is None:
+        raise DataError("semantic dedup needs the model: pass embedder=Embedder(*load_checkpoint(path)) "
+                        "(llamakit.data.semantic, llamakit.checkpoint), as `llamakit prepare --semantic-dedup` does")
     output = Path(config.output)
     files = _outside(resolve_inputs(config.inputs), output)
     tokenizer = load_tokenizer(config.tokenizer)
     identity = {"settings": settings_of(config), "inputs": input_fingerprint(files),
-                "tokenizer_sha256": shards.file_sha256(tokenizer.path)}
+                "tokenizer_sha256": shards.file_sha256(tokenizer.path), "model_inputs": _model_inputs(config)}
     existing = _prepared_meta(output)
     if existing is not None and not config.force:  # decided from meta.json and a listing: nothing is read
         _check_same(output, existing, identity)
@@ -81,16 +114,20 @@ def prepare(config: PrepareConfig) -> dict[str, Any]:
         logger.info("%s is already prepared with these inputs and settings; nothing to do", output)
         return existing["report"]
     _check_output(output)
-    with _mapper(config.workers) as map_fn:
-        docs, report = clean_corpus(files, config, map_fn)
-        splits = split_documents(docs, config.val_fraction)
-        with _building(output) as folder:
-            meta_splits = _write_splits(folder, splits, tokenizer, config.shard_tokens, map_fn)
-            report["splits"] = {name: {k: v for k, v in s.items() if k != "shards"} for name, s in meta_splits.items()}
-            shards.write_meta(folder, _meta(tokenizer, identity, meta_splits, report, config))
+    with _building(output) as folder:
+        write_atomic(folder / shards.TOKENIZER_FILE, tokenizer.path.read_bytes())
+        report, splits = clean_corpus(files, config, folder, embedder)
+        shards.write_meta(folder, _meta(tokenizer, identity, splits, report, config))
     logger.info("prepared %s: %s", output, report["splits"])
     return report
 
+
+def _model_inputs(config: PrepareConfig) -> list[dict]:
+    """Fingerprints of the files the model filters read (reference text, classifier), which change the output."""
+    files = resolve_inputs(config.models.ngram_reference) if config.models.ngram_reference else []
+    if config.models.quality_classifier and Path(config.models.quality_classifier).is_file():
+        files.append(Path(config.models.quality_classifier).resolve())
+    return input_fingerprint(files)
 
 def _outside(files: list[Path], output: Path) -> list[Path]:
     """files without those inside output (an output folder under an input folder is not input)."""
@@ -104,8 +141,7 @@ def settings_of(config: PrepareConfig) -> dict[str, Any]:
     """The resolved settings as JSON-ready values (what meta.json records)."""
     settings = dataclasses.asdict(config)
     settings["inputs"] = [str(spec) for spec in config.inputs]
-    settings["filters"]["languages"] = list(config.filters.languages)
-    return {key: str(value) if isinstance(value, Path) else value for key, value in settings.items()}
+    return json.loads(json.dumps(settings, default=str))  # Paths as str, tuples as lists: as meta.json reads back
 
 
 def _check_config(config: PrepareConfig) -> None:
@@ -124,6 +160,7 @@ def _check_config(config: PrepareConfig) -> None:
     if config.dedup.ngram < 1 or config.dedup.unit not in ("word", "char"):
         raise DataError(f"near-dedup shingles must be n >= 1 words or chars, got n={config.dedup.ngram} "
                         f"unit={config.dedup.unit!r}")
+    check_model_filters(config.models, config.semantic)
 
 
 # --- resuming -----------------------------------------------------------------------------------------
@@ -150,6 +187,8 @@ def _check_same(output: Path, meta: dict[str, Any], identity: dict[str, Any]) ->
         changes.append("settings (" + ", ".join(_differences(old_settings, new_settings)[:4]) + ")")
     if meta.get("inputs") != identity["inputs"]:
         changes.append(_input_changes(meta.get("inputs") or [], identity["inputs"]))
+    if meta.get("model_inputs", []) != identity["model_inputs"]:
+        changes.append("n-gram reference or quality classifier files")
     if meta.get("tokenizer", {}).get("sha256") != identity["tokenizer_sha256"]:
         changes.append("the tokenizer")
     if changes:
@@ -211,74 +250,153 @@ def _building(output: Path) -> Iterator[Path]:
             "renamed; choose an output in a writable folder")) as tmp:
         yield tmp
 
+def clean_corpus(files: list[Path], config: PrepareConfig, folder: Path, embedder=None) -> tuple[dict, dict]:
+    """Stream files through every stage into shards in folder; the report and the splits' meta.json entries."""
+    report: dict[str, Any] = {"files": len(files), "documents_read": 0, "chars_read": 0,
+                              "boilerplate": {"distinct_lines": 0, "lines_dropped": 0, "chars_dropped": 0},
+                              "filters": {name: {"documents": 0, "chars": 0} for name in STAGE_FILTERS}}
+    stages = _document_stages(files, config, report)
+    dedup = _deduplicator(config, embedder)
+    tokens = {"tokenizer_path": str(folder / shards.TOKENIZER_FILE),
+              "sha256": shards.file_sha256(folder / shards.TOKENIZER_FILE),
+              "dtype": shards.token_dtype(load_tokenizer(folder / shards.TOKENIZER_FILE).vocab_size)}
+    writer = SplitWriter(folder, tokens["dtype"], config.shard_tokens, config.val_fraction)
+    try:
+        with mapper(config.workers, _set_stages, (stages, tokens, config.semantic.checkpoint is not None)) as submit:
+            for doc in _outcomes(files, config, submit):
+                _count(report, doc)
+                for kept in dedup.add(doc) if doc.issue is None else []:
+                    writer.add(kept)
+            for kept in dedup.flush():
+                writer.add(kept)
+        _check_left(report)
+        report.update({stage: dataclasses.asdict(r) for stage, r in dedup.removed.items()})
+        report["kept"] = {"documents": writer.added, "chars": writer.chars}
+        splits = writer.close()
+    except BaseException:
+        writer.abort()
+        raise
+    finally:
+        _WORKER.clear()  # with one worker the stages (and their models) live in this process
+    report["splits"] = {name: {k: v for k, v in s.items() if k != "shards"} for name, s in splits.items()}
+    logger.info("cleaning kept %d of %d documents", report["kept"]["documents"], report["documents_read"])
+    return report, splits
 
-def clean_corpus(files: list[Path], config: PrepareConfig, map_fn: Callable = map) -> tuple[list[str], dict]:
-    """The documents of files after normalisation, boilerplate removal, filters and dedup, and the report."""
-    docs, report = _read(files, config)
-    docs, stats = remove_boilerplate(docs, config.boilerplate_min_docs, config.boilerplate_min_chars)
-    report["boilerplate"] = dataclasses.asdict(stats)
-    docs, report["filters"] = _filter(docs, config.filters, map_fn)
-    _check_left(docs, report, "the quality filters")
-    removed_exact, removed_near = Removed(), Removed()
-    if config.dedup.exact:
-        docs, removed_exact = remove_exact_duplicates(docs)
-    if config.dedup.near:
-        docs, removed_near = remove_near_duplicates(docs, config.dedup, partial(map_fn, chunksize=CHUNK_DOCS))
-    report["exact_duplicates"] = dataclasses.asdict(removed_exact)
-    report["near_duplicates"] = dataclasses.asdict(removed_near)
-    report["kept"] = {"documents": len(docs), "chars": sum(map(len, docs))}
-    logger.info("cleaning kept %d of %d documents", len(docs), report["documents_read"])
-    return docs, report
+
+def _document_stages(files: list[Path], config: PrepareConfig, report: dict) -> DocumentStages:
+    """The per-document stages: boilerplate lines counted (pass 1), the n-gram model trained, the classifier loaded."""
+    common = _boilerplate_lines(files, config)
+    report["boilerplate"]["distinct_lines"] = len(common)
+    stages = DocumentStages(config.filters, config.dedup, config.nfc, common, config.boilerplate_min_chars,
+                            **build_stages(config.models, partial(_reference, config=config)))
+    if stages.perplexity is not None:
+        report["perplexity"] = {"cutoffs": list(stages.perplexity.cutoffs), "buckets": dict.fromkeys(BUCKETS, 0)}
+    return stages
 
 
-def _read(files: list[Path], config: PrepareConfig) -> tuple[list[str], dict]:
-    """Every document, normalised, and the report's first counts."""
-    raw = itertools.islice(read_documents(files, config.field, config.separator), config.max_documents)
-    docs, chars = [], 0
-    for doc in tqdm(raw, desc="reading", unit="doc", disable=None):
-        chars += len(doc)
-        docs.append(normalize_text(doc, config.nfc))
-    if not docs:
-        raise DataError(f"the {len(files)} input files hold no documents; check the inputs (and --field for "
+def _deduplicator(config: PrepareConfig, embedder) -> StreamDeduplicator:
+    """Exact and near dedup, and semantic dedup when config asks (embedder may be a factory, called only now)."""
+    if not config.semantic.checkpoint:
+        return StreamDeduplicator(config.dedup)
+    from llamakit.data.semantic import SemanticDeduplicator
+
+    if not hasattr(embedder, "embed"):
+        embedder = embedder()  # a factory: the model is loaded only now that the run needs it
+    return StreamDeduplicator(config.dedup, SemanticDeduplicator(config.semantic.threshold), embedder)
+
+
+def _documents(files: list[Path], config: PrepareConfig) -> Iterator[str]:
+    """The raw documents of files, at most config.max_documents."""
+    return itertools.islice(read_documents(files, config.field, config.separator), config.max_documents)
+
+
+def _chunks(items: Iterable, size: int) -> Iterator[list]:
+    iterator = iter(items)
+    while chunk := list(itertools.islice(iterator, size)):
+        yield chunk
+
+
+def _reference(specs: list[str], config: PrepareConfig) -> Iterator[str]:
+    """The n-gram reference documents, normalised as the corpus is."""
+    docs = read_documents(resolve_inputs(specs), config.field, config.separator)
+    return (normalize_text(doc, config.nfc) for doc in docs)
+
+
+def _boilerplate_lines(files: list[Path], config: PrepareConfig) -> dict[bytes, int]:
+    """Pass 1 (CCNet): {line digest: first document holding it} for lines in boilerplate_min_docs or more documents."""
+    if config.boilerplate_min_docs <= 0:
+        return {}
+    keys = partial(_line_keys, nfc=config.nfc, min_chars=config.boilerplate_min_chars)
+    with mapper(config.workers) as submit:
+        chunks = bounded_map(partial(submit, keys), _chunks(_documents(files, config), CHUNK_DOCS), _ahead(config))
+        docs = (doc for chunk in chunks for doc in chunk)
+        return common_lines(tqdm(docs, desc="counting lines", unit="doc", disable=None), config.boilerplate_min_docs)
+
+
+def _line_keys(docs: list[str], nfc: bool, min_chars: int) -> list[tuple[bytes, set[bytes]]]:
+    """(exact_key, line digests) of each normalised document: what pass 1 counts."""
+    normal = [normalize_text(doc, nfc) for doc in docs]
+    return [(exact_key(doc), line_digests(doc, min_chars)) for doc in normal]
+
+
+def _outcomes(files: list[Path], config: PrepareConfig, submit: Callable) -> Iterator[Outcome]:
+    """Pass 2: each document's Outcome, in corpus order, computed by the workers."""
+    positioned = enumerate(_documents(files, config))
+    chunks = bounded_map(partial(submit, process_chunk), _chunks(positioned, CHUNK_DOCS), _ahead(config))
+    docs = (doc for chunk in chunks for doc in chunk)
+    yield from tqdm(docs, desc="preparing", unit="doc", disable=None)
+
+
+def _ahead(config: PrepareConfig) -> int:
+    return 2 * worker_count(config.workers)
+
+
+def _count(report: dict, doc: Outcome) -> None:
+    """Add one document's reading, boilerplate and filter results to the report."""
+    report["documents_read"] += 1
+    report["chars_read"] += doc.chars_read
+    report["boilerplate"]["lines_dropped"] += doc.boilerplate.lines_dropped
+    report["boilerplate"]["chars_dropped"] += doc.boilerplate.chars_dropped
+    if doc.bucket is not None:
+        report["perplexity"]["buckets"][doc.bucket] += 1
+    if doc.issue is not None:
+        report["filters"][doc.issue]["documents"] += 1
+        report["filters"][doc.issue]["chars"] += doc.chars
+
+
+def _check_left(report: dict) -> None:
+    """DataError when there were no documents, or the filters removed every one."""
+    read = report["documents_read"]
+    if not read:
+        raise DataError(f"the {report['files']} input files hold no documents; check the inputs (and --field for "
                         "JSON/Parquet)")
-    return docs, {"files": len(files), "documents_read": len(docs), "chars_read": chars}
-
-
-def _filter(docs: list[str], config: FilterConfig, map_fn: Callable) -> tuple[list[str], dict]:
-    """docs that pass every quality (and language) filter, and what each filter removed."""
-    removed = {name: Removed() for name in FILTER_NAMES}
-    kept = []
-    for doc, issue in zip(docs, map_fn(partial(document_issue, config=config), docs, chunksize=CHUNK_DOCS)):
-        if issue is None:
-            kept.append(doc)
-        else:
-            removed[issue].add(doc)
-    return kept, {name: dataclasses.asdict(r) for name, r in removed.items()}
-
-
-_LANGUAGE_FILTERS: dict[tuple, LanguageFilter] = {}  # one langid model per process
-
-
-def document_issue(text: str, config: FilterConfig) -> str | None:
-    """The first filter (FILTER_NAMES) that text fails, the language filter last; None when it passes."""
-    issue = quality_issue(text, config)
-    if issue is None and config.languages:
-        key = (tuple(config.languages), config.min_language_score)
-        if key not in _LANGUAGE_FILTERS:
-            _LANGUAGE_FILTERS[key] = LanguageFilter(*key)
-        issue = None if _LANGUAGE_FILTERS[key].keeps(text) else "language"
-    return issue
-
-
-def _check_left(docs: list[str], report: dict, stage: str) -> None:
-    """DataError naming the filters that removed everything, when nothing is left."""
-    if docs:
+    if sum(r["documents"] for r in report["filters"].values()) < read:
         return
     culprits = ", ".join(f"{name} removed {r['documents']}" for name, r in report["filters"].items() if r["documents"])
     emptied = report["boilerplate"]["lines_dropped"]
     note = f" (after {emptied} boilerplate lines were dropped)" if emptied else ""
-    raise DataError(f"no documents are left after {stage}: of {report['documents_read']} read{note}, {culprits}; "
+    raise DataError(f"no documents are left after the quality filters: of {read} read{note}, {culprits}; "
                     "relax those filters (e.g. --min-chars) or check the inputs")
+
+
+# --- the worker side ----------------------------------------------------------------------------------
+
+_WORKER: dict[str, Any] = {}  # this process's DocumentStages and tokenizer settings (set by _set_stages)
+
+
+def _set_stages(stages: DocumentStages, tokens: dict, keep_text: bool) -> None:
+    _WORKER.update(stages=stages, tokens=tokens, keep_text=keep_text)
+
+
+def process_chunk(chunk: list[tuple[int, str]]) -> list[Outcome]:
+    """Each (position, raw text) through the per-document stages; the documents that pass are tokenised."""
+    outcomes = [_WORKER["stages"].clean(position, raw) for position, raw in chunk]
+    passing = [doc for doc in outcomes if doc.issue is None]
+    if passing:
+        for doc, ids in zip(passing, encode_documents([doc.text for doc in passing], **_WORKER["tokens"])):
+            doc.ids = ids
+            doc.text = doc.text if _WORKER["keep_text"] else None  # only semantic dedup reads it again
+    return outcomes
 
 
 # --- split, tokenise, write ---------------------------------------------------------------------------
@@ -297,69 +415,21 @@ def split_documents(docs: list[str], val_fraction: float) -> dict[str, list[str]
         is_val[scores.index(max(scores))] = False
     return {"train": [d for d, v in zip(docs, is_val) if not v], "val": [d for d, v in zip(docs, is_val) if v]}
 
-
 def _unit_hash(text: str) -> float:
     """A number in [0, 1) fixed by text alone (not by its position, the run or the machine)."""
-    digest = hashlib.blake2b(text.encode("utf-8", "replace"), digest_size=8).digest()
-    return int.from_bytes(digest, "big") / 2**64
-
-
-def _write_splits(output: Path, splits: dict[str, list[str]], tokenizer, shard_tokens: int,
-                  map_fn: Callable) -> dict[str, dict]:
-    """Tokenise each split into shards; the meta.json entry of each split."""
-    write_atomic(output / shards.TOKENIZER_FILE, tokenizer.path.read_bytes())
-    dtype = shards.token_dtype(tokenizer.vocab_size)
-    entries = {}
-    for name, docs in splits.items():
-        with shards.ShardWriter(output, name, dtype, shard_tokens) as writer:
-            tokens = 0
-            for ids in _tokenize(docs, output / shards.TOKENIZER_FILE, dtype, name, map_fn):
-                writer.write(ids)
-                tokens += ids.size
-            entries[name] = {"tokens": tokens, "documents": len(docs), "shards": writer.close()}
-    return entries
-
-
-def _tokenize(docs: list[str], tokenizer_path: Path, dtype: str, split: str, map_fn: Callable) -> Iterator[np.ndarray]:
-    """The packed ids of docs, a chunk at a time, in order, with a progress bar."""
-    chunks = [docs[i:i + CHUNK_DOCS] for i in range(0, len(docs), CHUNK_DOCS)]
-    encode = partial(encode_documents, tokenizer_path=str(tokenizer_path), dtype=dtype,
-                     sha256=shards.file_sha256(tokenizer_path))
-    with tqdm(total=len(docs), desc=f"tokenizing {split}", unit="doc", disable=None) as bar:
-        for chunk, ids in zip(chunks, map_fn(encode, chunks)):
-            bar.update(len(chunk))
-            yield ids
+    return unit_hash(text)
 
 
 _TOKENIZERS: dict[tuple[str, str], Any] = {}  # (path, sha256) -> the tokenizer, loaded once per process
 
 
-def encode_documents(texts: list[str], tokenizer_path: str, dtype: str, sha256: str = "") -> np.ndarray:
-    """[bos] + encode(text) + [eos] for each text, concatenated: the packed layout of a shard."""
+def encode_documents(texts: list[str], tokenizer_path: str, dtype: str, sha256: str = "") -> list[np.ndarray]:
+    """[bos] + encode(text) + [eos] for each text: a document as a shard holds it."""
     key = (tokenizer_path, sha256)  # the sha256 tells a new tokenizer written to the same path
     if key not in _TOKENIZERS:
         _TOKENIZERS[key] = load_tokenizer(tokenizer_path)
     tokenizer = _TOKENIZERS[key]
-    ids = [np.asarray(tokenizer.encode(text, bos=True, eos=True), dtype=shards.DTYPES[dtype]) for text in texts]
-    return np.concatenate(ids) if ids else np.empty(0, dtype=shards.DTYPES[dtype])
-
-
-@contextlib.contextmanager
-def _mapper(workers: int | None) -> Iterator[Callable]:
-    """An order-preserving map: builtin map for one worker, else a process pool's imap."""
-    workers = workers or os.cpu_count() or 1
-    if workers == 1:
-        yield lambda fn, items, chunksize=1: map(fn, items)
-        return
-    methods = multiprocessing.get_all_start_methods()
-    context = multiprocessing.get_context("fork" if "fork" in methods else "spawn")
-    with context.Pool(workers, initializer=_ignore_sigint) as pool:  # leaving the block terminates the workers
-        yield pool.imap
-
-
-def _ignore_sigint() -> None:
-    """In a worker: Ctrl-C reaches the whole process group, and only the parent should handle it."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    return [np.asarray(tokenizer.encode(text, bos=True, eos=True), dtype=shards.DTYPES[dtype]) for text in texts]
 
 
 def _meta(tokenizer, identity: dict, splits: dict, report: dict, config: PrepareConfig) -> dict[str, Any]:
@@ -369,4 +439,5 @@ def _meta(tokenizer, identity: dict, splits: dict, report: dict, config: Prepare
         "tokenizer": {"file": shards.TOKENIZER_FILE, "sha256": identity["tokenizer_sha256"],
                       "vocab_size": tokenizer.vocab_size, "bos_id": tokenizer.bos_id, "eos_id": tokenizer.eos_id},
         "splits": splits, "report": report, "settings": identity["settings"], "inputs": identity["inputs"],
+        "model_inputs": identity["model_inputs"],
     }

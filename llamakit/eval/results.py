@@ -10,7 +10,7 @@ from llamakit.eval.multiple_choice import TaskResult
 from llamakit.files import write_atomic
 
 FORMAT_VERSION = 2  # 2: per-task status (and error), records count n_chars (lm-eval's acc_norm) not n_bytes
-_HEADLINE = ("acc", "acc_norm", "acc_macro", "em", "token_perplexity", "byte_perplexity", "bits_per_byte")
+_HEADLINE = ("acc", "acc_norm", "acc_macro", "em", "maj@k", "token_perplexity", "byte_perplexity", "bits_per_byte")
 _COUNT = {"token_perplexity": "tokens", "byte_perplexity": "bytes", "bits_per_byte": "bytes"}  # the n of a metric
 
 
@@ -67,7 +67,8 @@ def format_table(results: list[TaskResult]) -> str:
     rows = [("task", "metric", "value", "± stderr", "n")]
     for result in results:
         m = result.metrics
-        for key in (k for k in _HEADLINE if k in m):
+        pass_at = [k for k in m if k.startswith("pass@") and not k.endswith("_stderr")]  # code tasks: any k
+        for key in [k for k in _HEADLINE if k in m] + pass_at:
             stderr = m.get(f"{key}_stderr")
             rows.append((result.name, key, _cell(m[key]), "" if stderr is None else _cell(stderr),
                          str(m.get(_COUNT.get(key, "n"), ""))))

@@ -10,11 +10,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from llamakit.errors import EvalError
-from llamakit.eval import mmlu, qa
+from llamakit.eval import code, math_tasks, mmlu, qa, race
 from llamakit.eval.multiple_choice import ACC_NORM, TaskResult, accuracy, score_examples
 from llamakit.eval.perplexity import text_perplexity
 from llamakit.eval.readers import labels_beside, read_lines, sha256_of
 from llamakit.eval.results import RunLog
+from llamakit.eval.sandbox import Limits
 from llamakit.eval.scoring import TOKENIZATION
 from llamakit.eval.tasks import TASKS, MCTask
 from llamakit.model import Transformer
@@ -26,6 +27,13 @@ LOCATIONS: dict[str, tuple[str, tuple[str, ...]]] = {
     "nq": ("nq", ("NQ-open.dev.jsonl", "dev.jsonl", "test.jsonl")),
     "triviaqa": ("triviaqa", ("dev.jsonl", "test.jsonl")),
     "perplexity": ("perplexity", ("text.txt",)),
+    "race": ("race/test", ()),  # the official RACE/test folder (middle/ and high/), or --data race=FILE.jsonl
+    "race_middle": ("race/test/middle", ()),
+    "race_high": ("race/test/high", ()),
+    "gsm8k": ("gsm8k", ("test.jsonl",)),
+    "math": ("math/test", ()),  # the official MATH/test folder: <subject>/<n>.json
+    "humaneval": ("humaneval", ("HumanEval.jsonl.gz", "HumanEval.jsonl")),
+    "mbpp": ("mbpp", ("mbpp.jsonl",)),
     **{name: (task.folder, task.files) for name, task in TASKS.items()},
 }
 Runner = Callable[[Transformer], TaskResult]
@@ -41,6 +49,12 @@ class EvalOptions:
     num_fewshot: int | None = None
     stride: int | None = None
     progress: bool = False
+    samples: int = 0  # gsm8k, math: k sampled solutions per problem for maj@k (0: greedy only)
+    temperature: float = 0.6
+    seed: int = 0
+    pass_k: tuple[int, ...] = (1,)  # humaneval, mbpp: the k of pass@k (at most the samples per problem)
+    timeout: float = 3.0  # humaneval, mbpp: wall-clock seconds per program in the sandbox
+    workers: int | None = None  # humaneval, mbpp: programs run at once (default: the CPU count)
 
 
 def task_names(text: str) -> list[str]:
@@ -81,6 +95,17 @@ def prepare(name: str, path: Path, tokenizer: Tokenizer, opts: EvalOptions) -> R
         questions = qa.load_qa(path)[:opts.limit]
         return lambda model: qa.score_qa(model, tokenizer, name, path, questions, opts.window, opts.batch_size, shots,
                                          opts.progress)
+    if name in ("race", "race_middle", "race_high"):
+        articles = race.load_task(name, path, opts.num_fewshot, opts.limit)
+        return lambda model: race.score_race(model, tokenizer, name, path, articles, opts.window, opts.batch_size,
+                                             opts.progress)
+    if name in math_tasks.TASKS:
+        task, sampling = math_tasks.TASKS[name], math_tasks.Sampling(opts.samples, opts.temperature, opts.seed)
+        shots, problems = math_tasks.shots_for(task, opts.num_fewshot), math_tasks.load_task(task, path, opts.limit)
+        return lambda model: math_tasks.score_math(model, tokenizer, task, path, problems, opts.window,
+                                                   opts.batch_size, shots, sampling, opts.progress)
+    if name in code.TASKS:
+        return _code(name, path, tokenizer, opts)
     if name == "perplexity":
         text = "\n".join(read_lines(path))
         return lambda model: _perplexity(model, tokenizer, path, text, opts)
@@ -104,6 +129,17 @@ def _data_files(path: Path) -> list[Path]:
     """A data file and, where the official release keeps labels apart (PIQA, SIQA), its labels file."""
     labels = labels_beside(path)
     return [path, labels] if labels.is_file() else [path]
+
+
+def _code(name: str, path: Path, tokenizer: Tokenizer, opts: EvalOptions) -> Runner:
+    """HumanEval or MBPP: problems read and settings checked now; generation and the sandboxed tests later."""
+    if opts.num_fewshot is not None and opts.num_fewshot != code.TASKS[name].n_shot:
+        raise EvalError(f"{name} uses its published {code.TASKS[name].n_shot}-shot prompt; drop --num-fewshot")
+    task, limits = code.TASKS[name], Limits(timeout=opts.timeout)
+    sampling = code.code_sampling(opts.samples, opts.temperature, opts.seed, opts.pass_k)
+    problems = task.load(path)[:opts.limit]
+    return lambda model: code.score_code(model, tokenizer, task, path, problems, opts.window, opts.batch_size,
+                                         sampling, opts.pass_k, limits, opts.workers, opts.progress)
 
 
 def _perplexity(model, tokenizer, path: Path, text: str, opts: EvalOptions) -> TaskResult:

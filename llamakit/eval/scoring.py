@@ -134,8 +134,12 @@ def _score_batch(model: Transformer, keys, batch: list[int], requests: list[tupl
 
 def greedy_answers(model: Transformer, tokenizer: Tokenizer, prompts: Sequence[str], window: int,
                    max_new_tokens: int = 32, stop: Sequence[str] = ("\n",), batch_size: int = 16,
-                   progress: bool = False, desc: str = "generating") -> list[tuple[str, int]]:
-    """Greedy continuation of each prompt up to a stop string; (text, prompt tokens cut to fit the window)."""
+                   progress: bool = False, desc: str = "generating",
+                   params: Sequence[SamplingParams] | None = None) -> list[tuple[str, int]]:
+    """Greedy continuation of each prompt up to a stop string; (text, prompt tokens cut to fit the window).
+
+    `params` (one per prompt) samples instead; give each its own seed and the text does not depend on batching.
+    """
     if max_new_tokens >= window:
         raise EvalError(f"{max_new_tokens} new tokens leave no room for a prompt in the {window}-token window")
     encoded = []
@@ -145,11 +149,11 @@ def greedy_answers(model: Transformer, tokenizer: Tokenizer, prompts: Sequence[s
         encoded.append((ids[cut:], cut))
     order = sorted(range(len(prompts)), key=lambda i: -len(encoded[i][0]))
     answers: list[tuple[str, int] | None] = [None] * len(prompts)
-    greedy = SamplingParams(temperature=0)
+    chosen = list(params) if params is not None else [SamplingParams(temperature=0)] * len(prompts)
     cache = KVCache.for_model(model, min(batch_size, len(prompts)) or 1, window)  # shared by every batch
     for start in tqdm(range(0, len(order), batch_size), desc=desc, disable=not progress, leave=False):
         batch = order[start:start + batch_size]
-        done = generate(model, tokenizer, [encoded[i][0] for i in batch], max_new_tokens, greedy,
+        done = generate(model, tokenizer, [encoded[i][0] for i in batch], max_new_tokens, [chosen[i] for i in batch],
                         stop_strings=stop, cache=cache)
         for i, completion in zip(batch, done):
             answers[i] = (completion.text, encoded[i][1])

@@ -79,6 +79,24 @@ def prefill_batch(model: Transformer, cache: KVCache, slots: Sequence[int], prom
     return last, lps
 
 
+@torch.inference_mode()
+def append_rows(model: Transformer, cache: KVCache, slots: Sequence[int], rows: Sequence[Sequence[int]]
+                ) -> torch.Tensor:
+    """Append a few tokens to each slot (any lengths, e.g. speculative drafts) in one forward, right-padded to the
+    longest row; return the logits at every position (B, T, V).
+
+    Each row sees only its own slot, at its own positions, so the padding after a shorter row's tokens changes
+    none of its logits; it is written to the cache, though, and the caller rolls it back (with whatever else
+    it rejects). For long prompts use `prefill_batch`, which bounds the forward's memory.
+    """
+    if any(not r for r in rows):
+        raise LlamakitError("append_rows needs at least one token per row")
+    tokens = torch.zeros(len(rows), max(len(r) for r in rows), dtype=torch.long)  # (B, T)
+    for b, row in enumerate(rows):
+        tokens[b, :len(row)] = torch.as_tensor(row)
+    return model(tokens.to(cache.k.device), cache, slots)  # (B, T, V)
+
+
 class Token(NamedTuple):
     """One generated token: whose, which, its log-probability and the most likely alternatives, if asked."""
 

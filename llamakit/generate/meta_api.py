@@ -62,8 +62,9 @@ class Llama:
         transforms = quantization(quantize, group_size, device)
         model, tokenizer = load_checkpoint(ckpt_dir, tokenizer_path, resolve_dtype(dtype) or default_dtype(device),
                                            device, adapter=adapter_path, transforms=transforms, mesh=mesh)
-        check_context(max_seq_len, model.config.max_seq_len, f"max_seq_len={max_seq_len}", "pass extend_context=True",
-                      extend_context)
+        if mesh is not None:
+            check_context(max_seq_len, model.config.max_seq_len, f"max_seq_len={max_seq_len}",
+                          "pass extend_context=True", extend_context)
         return Llama(model, tokenizer, max_seq_len, max_batch_size, seed, chat_format, compile)
 
     def __init__(self, model: Transformer, tokenizer: Tokenizer, max_seq_len: int, max_batch_size: int,

@@ -101,7 +101,7 @@ def apply_tensor_parallel(model: nn.Module, mesh: DeviceMesh, *, embedding_dim: 
             plan["lm_head"] = ColwiseParallel(input_layouts=between, output_layouts=logits,
                                               use_local_output=not loss_parallel)
     parallelize_module(model, mesh, plan)
-    for block in _blocks(model):
+    for block in blocks(model):
         parallelize_module(block, mesh, _block_plan(between, sequence_parallel))
         attn = block.self_attn
         attn.n_heads, attn.n_kv_heads = attn.n_heads // tp, attn.n_kv_heads // tp  # this process's share
@@ -142,7 +142,8 @@ def _tied_head_style(between, made, logits, loss_parallel: bool):
     return TiedHeadParallel()
 
 
-def _blocks(model: nn.Module) -> list[nn.Module]:
+def blocks(model: nn.Module) -> list[nn.Module]:
+    """The transformer blocks of a model (a ModuleList) or of a pipeline stage (a ModuleDict keyed by layer index)."""
     layers = model.layers
     return list(layers.values()) if isinstance(layers, nn.ModuleDict) else list(layers)
 

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 from llamakit.model import resolve_dtype
 from llamakit.train.metrics import MetricsLog
@@ -149,6 +150,8 @@ def evaluate(model: nn.Module, objective: Objective, batches: list[Batch], autoc
 def _accumulate(sums: dict[str, torch.Tensor], values: dict[str, torch.Tensor]) -> None:
     """Add a micro-batch's summed loss and metrics to the step's running sums (float64, detached)."""
     for name, value in values.items():
+        if isinstance(value, DTensor):  # tensor parallel: the loss is replicated over the processes
+            value = value.full_tensor()
         sums[name] = sums.get(name, 0) + value.detach().to(torch.float64)
 
 

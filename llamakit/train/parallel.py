@@ -1,9 +1,10 @@
 """Parallelism, applied to an existing model from outside (the model knows nothing of it); the processes and
-their DeviceMesh come from llamakit.runtime.
+their (pp, dp, tp) DeviceMesh come from llamakit.runtime.
 
-Order, as for large models: tensor parallelism (a later step: it would swap q/k/v/o and the MLP
-projections for column/row-parallel versions here, before anything else) -> activation checkpointing ->
-torch.compile -> data parallelism (FSDP2 `fully_shard` per block, then the root; or DDP).
+Order, as torchtitan applies it: the pipeline split (pipeline.py: this process keeps its stage's layers) -> tensor
+parallelism (model/tensor_parallel.py: each layer split over the "tp" processes, sequence-parallel norms, logits
+split on the vocabulary) -> activation checkpointing -> torch.compile -> data parallelism over the "dp" processes
+(FSDP2 `fully_shard` per block, then the root; or DDP).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from torch.utils.checkpoint import checkpoint
 
 from llamakit import runtime
 from llamakit.errors import ConfigError
+from llamakit.model.tensor_parallel import VOCAB, apply_tensor_parallel, blocks, check_tensor_parallel
 from llamakit.runtime import Processes, close_processes  # noqa: F401 (imported from here by the runner)
 from llamakit.train.config import TrainSection
 from llamakit.train.pipeline import attach_pipeline, split_stage
@@ -49,9 +51,12 @@ def keep_freed_memory() -> None:
 
 
 def parallelize(model: nn.Module, cfg: TrainSection, procs: Processes) -> nn.Module:
-    """Apply the pipeline split, activation checkpointing, compile and data parallelism to `model`, in that order."""
+    """Apply the pipeline split, tensor parallelism, activation checkpointing, compile and data parallelism to
+    `model`, in that order."""
     if procs.pp > 1:  # pipeline parallel: this process keeps its stage's layers; the rest applies to it (pipeline.py)
         model = split_stage(model, procs)
+    if procs.tp > 1:
+        tensor_parallel(model, procs)
     if cfg.activation_checkpointing:
         for block in blocks(model):
             # Recompute each block's activations in backward instead of storing them (LLaMA §2.4).
@@ -76,10 +81,18 @@ def parallelize(model: nn.Module, cfg: TrainSection, procs: Processes) -> nn.Mod
     return DistributedDataParallel(model, device_ids=[procs.device.index] if procs.device.type == "cuda" else None)
 
 
-def blocks(model: nn.Module) -> list[nn.Module]:
-    """The transformer blocks of a model (a ModuleList) or of a pipeline stage (a ModuleDict keyed by layer index)."""
-    layers = model.layers
-    return list(layers.values()) if isinstance(layers, nn.ModuleDict) else list(layers)
+def tensor_parallel(model: nn.Module, procs: Processes) -> None:
+    """Split every layer over the tensor-parallel processes (model/tensor_parallel.py) with sequence-parallel norms
+    and logits left split on the vocabulary: the loss is computed under `loss_parallel` (runner.py), so no process
+    holds the whole (B, T, vocab) logits."""
+
+    config = model.config
+    check_tensor_parallel(config, procs.tp, training=True)
+    if config.vocab_size % procs.tp:
+        raise ConfigError(f"train.tensor_parallel={procs.tp} must divide vocab_size={config.vocab_size}: the output "
+                          "head and the loss are split on the vocabulary")
+    apply_tensor_parallel(model, runtime.device_mesh(procs)["tp"], embedding_dim=VOCAB, sequence_parallel=True,
+                          loss_parallel=True)
 
 
 def _data_parallel_kind(cfg: TrainSection, model: nn.Module) -> str:

@@ -20,7 +20,7 @@ from llamakit.train.batches import Samples, StepBatches, eval_batches
 from llamakit.train.config import RunConfig, TrainSection, accumulation_steps, dump_yaml
 from llamakit.train.loop import LoopData, LoopSettings, train
 from llamakit.train.metrics import MetricsLog, peak_flops, plot_losses
-from llamakit.train.objectives import Objective
+from llamakit.train.objectives import NextTokenLoss, Objective
 from llamakit.train.optim import build_optimizer, lr_at
 from llamakit.train.parallel import (
     Processes,
@@ -38,7 +38,7 @@ log = logging.getLogger(__name__)
 # Settings that may change when resuming: everything else must match, or the run would not be the same run.
 RESUMABLE_CHANGES = ("train.max_steps", "checkpoint", "log", "eval", "train.device", "train.compile",
                      "train.activation_checkpointing", "train.parallel", "train.micro_batch_size",
-                     "train.pipeline_parallel", "train.pipeline_schedule")
+                     "train.pipeline_parallel", "train.pipeline_schedule", "train.tensor_parallel")
 
 
 @dataclass
@@ -90,6 +90,12 @@ def run_training(cfg: RunConfig, job: Job, procs: Processes, latest: Path | None
     checkpointer = Checkpointer(out_dir, cfg.checkpoint.keep_last, procs, job.tokenizer, dump_yaml(cfg),
                                 adapter=job.adapter, base=job.base)
     check_pipeline(cfg.train, procs, job.objective, job.adapter)  # before anything is split (pipeline.py)
+    if procs.tp > 1 and (type(job.objective) is not NextTokenLoss or job.adapter is not None or job.aux):
+        raise ConfigError("train.tensor_parallel trains a whole model on the next-token loss (pretrain, finetune "
+                          "with method full); set it to 1 for adapters and the other methods")
+    if procs.tp > 1 and procs.dp > 1 and cfg.train.parallel == "ddp":
+        raise ConfigError("train.tensor_parallel with data-parallel replicas shards them with FSDP; set train.parallel "
+                          "to fsdp or auto")
     model = parallelize(job.model, cfg.train, procs)
     for name, frozen in job.aux.items():
         job.aux[name] = parallelize(frozen.to(procs.device).eval().requires_grad_(False), cfg.train, procs)
@@ -110,7 +116,8 @@ def run_training(cfg: RunConfig, job: Job, procs: Processes, latest: Path | None
     start = state.step
     try:
         schedule = functools.partial(lr_at, cfg=cfg.optim, max_steps=cfg.train.max_steps)
-        train(model, job.objective, optimizer, schedule, job.data, settings, state, checkpointer, metrics, scaler)
+        with _vocab_parallel_loss(procs.tp > 1):  # tensor parallel: the logits stay split on the vocabulary
+            train(model, job.objective, optimizer, schedule, job.data, settings, state, checkpointer, metrics, scaler)
     finally:
         metrics.close()
     if state.step > start:  # the last step gets a full checkpoint too: the run can be continued exactly
@@ -119,6 +126,12 @@ def run_training(cfg: RunConfig, job: Job, procs: Processes, latest: Path | None
     if procs.is_main and cfg.log.plot:
         plot_losses(out_dir / "metrics.jsonl", out_dir / "loss.png")
     return final
+
+
+def _vocab_parallel_loss(enabled: bool):
+    from torch.distributed.tensor.parallel import loss_parallel
+
+    return loss_parallel() if enabled else contextlib.nullcontext()
 
 
 def loop_data(cfg: RunConfig, train_set: Samples, val_set: Samples, procs: Processes) -> LoopData:

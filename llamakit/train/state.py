@@ -73,8 +73,11 @@ class Checkpointer:
 
     def _write(self, folder: Path, model, optimizer, scaler, state: TrainState | None, overwrite=False) -> None:
         inner = unwrap(model)
-        weights = get_model_state_dict(inner, options=FULL)
-        optim_state = get_optimizer_state_dict(inner, optimizer, options=FULL) if optimizer is not None else None
+        if getattr(inner, "pipeline", None) is not None:  # pipeline parallel: every stage's part, named as one model
+            weights, optim_state = inner.pipeline.full_state(optimizer)
+        else:
+            weights = get_model_state_dict(inner, options=FULL)
+            optim_state = get_optimizer_state_dict(inner, optimizer, options=FULL) if optimizer is not None else None
         if not self.procs.is_main:
             return
         with atomic_directory(folder, overwrite=overwrite) as tmp:
@@ -114,6 +117,8 @@ class Checkpointer:
         except Exception as e:  # a damaged file: OSError, safetensors or unpickling errors
             raise CheckpointError(f"{folder}: cannot resume from it ({e}); delete this folder to resume from "
                                   "the one before") from None
+        if getattr(inner, "pipeline", None) is not None:  # pipeline parallel: this stage's part of the whole model
+            weights, optim_state = inner.pipeline.own_part(weights, optim_state)
         options = StateDictOptions(full_state_dict=True, strict=self.adapter is None)
         try:
             set_model_state_dict(inner, weights, options=options)

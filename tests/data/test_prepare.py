@@ -274,7 +274,6 @@ def test_identical_files_keep_one_document(tokenizer_file, tmp_path):
 @pytest.mark.parametrize("docs, settings, message", [
     (good_docs(), {"val_fraction": 0.0}, "--val-fraction 0.0 leaves no validation split, which pretraining needs "
                                          "to measure validation loss; use a value above 0"),
-    (good_docs()[:1], {}, "only 1 document is left after cleaning, so none can be held out for validation"),
     (good_docs(), {"val_fraction": float("nan")}, "--val-fraction nan is not a number"),
 ])
 def test_no_validation_split_is_refused_before_tokenizing(docs, settings, message, tokenizer_file, tmp_path,
@@ -284,6 +283,15 @@ def test_no_validation_split_is_refused_before_tokenizing(docs, settings, messag
     with pytest.raises(DataError, match=message):
         prepare(config_for(tmp_path / "in.jsonl", tokenizer_file, tmp_path / "out", **settings))
     assert not (tmp_path / "out").exists()
+
+
+def test_a_single_document_is_refused_and_leaves_no_output(tokenizer_file, tmp_path):
+    # Streaming prepare knows how many documents survive only at the end (they are tokenised on the way),
+    # so this error comes after tokenising, but the folder being built is removed: nothing is left behind.
+    write_jsonl(tmp_path / "in.jsonl", good_docs()[:1])
+    with pytest.raises(DataError, match="only 1 document is left after cleaning, so none can be held out for validation"):
+        prepare(config_for(tmp_path / "in.jsonl", tokenizer_file, tmp_path / "out"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.jsonl"]
 
 
 def test_a_full_disk_is_one_error_and_keeps_the_old_data(corpus, tokenizer_file, tmp_path, monkeypatch):

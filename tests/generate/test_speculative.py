@@ -1,13 +1,11 @@
 """Speculative and prompt-lookup decoding are exact: greedy equals the target's greedy, and sampled tokens follow
 the target's distribution (and a wrong acceptance rule is caught)."""
 
-import copy
 
 import pytest
 import torch
 
-from llamakit import ModelConfig, Transformer
-from llamakit.checkpoint import load_checkpoint
+from llamakit import ModelConfig
 from llamakit.cli import main
 from llamakit.errors import LlamakitError
 from llamakit.generate import (
@@ -22,44 +20,10 @@ from llamakit.generate import (
 from llamakit.generate.sampling import probs
 from llamakit.generate.speculative import model_drafter
 from llamakit.model import KVCache
+from tests.generate.conftest import TINY, random_model
 
 GREEDY = SamplingParams(temperature=0)
 GAMMAS = (1, 2, 4, 7)
-
-
-def _random_model(config, seed, scale=1.0):
-    torch.manual_seed(seed)
-    model = Transformer(config).eval()
-    with torch.no_grad():  # sharper than the training init, so distributions differ between models
-        for p in model.parameters():
-            if p.ndim == 2:
-                p.copy_(scale * torch.randn_like(p) / p.shape[-1] ** 0.5)
-    return model
-
-
-@pytest.fixture(scope="module")
-def stories(assets):
-    model, tokenizer = load_checkpoint(assets / "tinyllamas" / "stories260K.bin",
-                                       assets / "tinyllamas" / "tok512.model", torch.float32, "cpu")
-    return model.eval(), tokenizer
-
-
-@pytest.fixture(scope="module")
-def small_draft(stories):
-    config = ModelConfig(dim=32, n_layers=1, n_heads=2, vocab_size=stories[0].config.vocab_size, multiple_of=16,
-                         max_seq_len=256)
-    return _random_model(config, seed=1)
-
-
-@pytest.fixture(scope="module")
-def noisy_draft(stories):
-    """The target with noise on its weights: it agrees with the target often, not always."""
-    draft = copy.deepcopy(stories[0])
-    torch.manual_seed(2)
-    with torch.no_grad():
-        for p in draft.parameters():
-            p.add_(0.1 * p.std() * torch.randn_like(p))
-    return draft
 
 
 def _drafter(kind, target, draft, noisy, max_len):
@@ -112,7 +76,7 @@ def test_stop_token_and_budget_inside_accepted_run(stories):
 
 def test_draft_with_another_vocabulary_is_refused(stories):
     target, tok = stories
-    other = _random_model(ModelConfig(dim=16, n_layers=1, n_heads=2, vocab_size=300, multiple_of=16), seed=0)
+    other = random_model(ModelConfig(dim=16, n_layers=1, n_heads=2, vocab_size=300, multiple_of=16), seed=0)
     with pytest.raises(LlamakitError, match="vocabulary"):
         model_drafter(other, target, 64)
     drafter = ModelDrafter(other, KVCache.for_model(other, 1, 64))
@@ -122,32 +86,22 @@ def test_draft_with_another_vocabulary_is_refused(stories):
 
 def test_prompt_lookup_proposes_what_followed_the_last_ngram():
     drafter = PromptLookupDrafter(max_ngram=3)
-    assert drafter.propose([1, 2, 3, 4, 5, 9, 2, 3], 2, GREEDY, None) == ([4, 5], None)
-    assert drafter.propose([1, 7, 8, 9], 3, GREEDY, None) == ([], None)
-    assert drafter.propose([5, 1, 2, 6, 1, 2], 4, GREEDY, None) == ([6, 1, 2], None)
+    assert drafter.lookup([1, 2, 3, 4, 5, 9, 2, 3], 2) == [4, 5]
+    assert drafter.lookup([1, 7, 8, 9], 3) == []
+    assert drafter.lookup([5, 1, 2, 6, 1, 2], 4) == [6, 1, 2]
+    # a batch: each row looks in its own sequence, with its own k
+    assert drafter.propose([0, 1], [[1, 2, 3, 1, 2], [4, 5, 4]], [1, 3], [GREEDY] * 2, [None] * 2) == [
+        ([3], None), ([5, 4], None)]
 
 
 # --- sampling: the distribution of the generated tokens is the target's -----------------------------------------
 
-TINY = ModelConfig(dim=16, n_layers=1, n_heads=2, vocab_size=8, multiple_of=16, max_seq_len=32)
 SAMPLED = SamplingParams(temperature=1.0, top_p=1.0)
 DRAWS = 4000
 # With V = 8 and n draws, E[TV] <= 1/2 * sum_v sqrt(q_v / n) <= 1/2 * sqrt(V / n) = 0.022 for n = 4000, and its
 # standard deviation is far smaller, so 0.05 is a safe bound for the exact rule; a rule that is wrong by more
 # than that in TV fails it.
 TV_BOUND = 0.05
-
-
-@pytest.fixture(scope="module")
-def tiny_pair():
-    """A target and a draft that overlap in part (TV ~0.4), so drafts are both accepted and rejected."""
-    target = _random_model(TINY, seed=3, scale=2.0)
-    draft = copy.deepcopy(target)
-    torch.manual_seed(5)
-    with torch.no_grad():
-        for p in draft.parameters():
-            p.add_(p.std() * torch.randn_like(p))
-    return target, draft
 
 
 @torch.no_grad()
