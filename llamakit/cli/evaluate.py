@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 
 from llamakit.cli.argtypes import context_window, positive_int
-from llamakit.cli.inference import add_model_options, model_processes, quantization
+from llamakit.cli.inference import add_model_options, add_tp_option, model_processes, quantization
 from llamakit.errors import LlamakitError
 
 
@@ -96,6 +96,7 @@ def _load(args: argparse.Namespace):
 
 def add_eval(p: argparse.ArgumentParser) -> None:
     add_model_options(p)
+    add_tp_option(p)
     p.add_argument("--tasks", help="comma-separated: hellaswag, piqa, siqa, arc_easy, arc_challenge, openbookqa, "
                    "boolq, winogrande, mmlu, nq, triviaqa, race, race_middle, race_high, gsm8k, math, humaneval, mbpp, "
                    "perplexity")

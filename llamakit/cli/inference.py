@@ -296,6 +296,9 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
                    help=f"context window for prompt + reply (default: the model's, at most {DEFAULT_MAX_SEQ_LEN})")
     p.add_argument("--extend-context", action="store_true",
                    help="allow --max-seq-len (and eval's --window) beyond the model's trained context, with a warning")
+
+
+def add_tp_option(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tp", type=positive_int, default=1, metavar="N", help="tensor parallelism: split the model over "
                    "the N processes of `torchrun --nproc_per_node N -m llamakit ...`, each reading only its share")
 
@@ -314,6 +317,7 @@ def add_generate(p: argparse.ArgumentParser) -> None:
     p.add_argument("prompts", nargs="+", metavar="PROMPT", help="text to continue ('-' reads stdin); several run "
                    "as one batch")
     add_model_options(p)
+    add_tp_option(p)
     add_sampling_options(p, max_new_tokens=256)
     p.add_argument("--stop", action="append", default=[], metavar="TEXT", help="stop before this text (repeatable)")
     p.add_argument("--stats", action="store_true", help="print the time taken to stderr")
@@ -323,6 +327,7 @@ def add_generate(p: argparse.ArgumentParser) -> None:
 
 def add_chat(p: argparse.ArgumentParser) -> None:
     add_model_options(p)
+    add_tp_option(p)
     add_sampling_options(p, max_new_tokens=512)
     add_compile_option(p)
     add_speculation_options(p)

@@ -23,12 +23,14 @@ def serve(args: argparse.Namespace) -> None:
     quantization(args, resolve_device(args.device, "--device"))  # and so do bad --quantize settings
     window = context_window(args.max_seq_len, trained, "--max-seq-len", args.extend_context,
                             default=min(trained, DEFAULT_MAX_SEQ_LEN))
+    load_guard = _guard_loader(args)  # a bad guard checkpoint or policy also fails before the port opens
     _check_port(args.host, args.port)
     logging.getLogger("llamakit.serve").setLevel(logging.INFO)  # one line per request
     cfg = ServeConfig(model_name=args.served_model_name or Path(args.checkpoint).name, host=args.host, port=args.port,
                       api_key=args.api_key, max_batch_size=args.max_batch_size, max_waiting=args.max_waiting,
-                      prefill_chunk=args.prefill_chunk, seed=args.seed, max_body_bytes=args.max_body_size)
-    run(cfg, lambda: _load(args, window))
+                      prefill_chunk=args.prefill_chunk, seed=args.seed, max_body_bytes=args.max_body_size,
+                      compile=args.compile)
+    run(cfg, lambda: _load(args, window), load_guard)
 
 
 def _load(args: argparse.Namespace, window: int):
@@ -41,6 +43,20 @@ def _load(args: argparse.Namespace, window: int):
     model, tokenizer = load_checkpoint(args.checkpoint, args.tokenizer, args.dtype or default_dtype(device), device,
                                        adapter=args.adapter, transforms=quantization(args, device))
     return prepare_for_decoding(model), tokenizer, window, chat_style(model, tokenizer, args.chat_format)
+
+
+def _guard_loader(args: argparse.Namespace):
+    """The function that loads --guard's Guard on the model's device, or None without --guard."""
+    if args.guard is None:
+        if args.guard_tokenizer or args.guard_policy:
+            raise LlamakitError("--guard-tokenizer and --guard-policy need --guard CHECKPOINT")
+        return None
+    from llamakit.checkpoint import load_config
+    from llamakit.guard import Guard, load_policy
+
+    load_config(args.guard)
+    policy = load_policy(args.guard_policy)
+    return lambda: Guard.load(args.guard, args.guard_tokenizer, policy, args.device)
 
 
 def _check_port(host: str, port: int) -> None:
@@ -67,4 +83,11 @@ def add_serve(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-body-size", type=byte_size, default=4 * 2**20, help="largest request body (default 4MiB)")
     p.add_argument("--chat-format", choices=["llama2", "llama3", "alpaca"],
                    help="prompt format (default: the one the model or --adapter was tuned with, else the tokenizer's)")
+    p.add_argument("--guard", metavar="CHECKPOINT", help="a Llama Guard checkpoint that checks each request's last "
+                   "user message (unsafe: HTTP 400 content_policy_violation) and each response (unsafe: empty, "
+                   "finish_reason content_filter; streams are then sent once checked)")
+    p.add_argument("--guard-tokenizer", help="the guard's tokenizer file (default: the one beside its weights)")
+    p.add_argument("--guard-policy", help="the guard's policy: llama-guard-3 (default), llama-guard-1, or a YAML file")
+    p.add_argument("--compile", action="store_true", help="decode with a torch.compile'd step (static shapes, the "
+                   "batch padded to 1, 2, 4, 8, ...); every batch size compiles at startup, before /health says ok")
     p.add_argument("--seed", type=random_seed, help="seed of the shared random stream (requests may pass their own)")

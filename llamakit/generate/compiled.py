@@ -9,17 +9,25 @@ The shapes then depend only on the bucket and the cache's shape: one compile eac
 cache so that calls with different prompts share one shape). The model itself is unchanged: the step hands
 it a cache object (`StaticCache`) whose view writes at per-row positions given as tensors.
 
-Costs: the first step of each bucket compiles (seconds to a minute on CPU), and every step attends over all
-max_seq_len positions, however few are filled, so keep the cache no larger than needed.
+Costs: the first step of each bucket compiles (seconds to a minute on CPU; `warm_up` compiles them all ahead, as
+`llamakit serve --compile` does before it reports ready), and every step attends over all max_seq_len positions,
+however few are filled, so keep the cache no larger than needed. Prefill stays eager: a compiled static-shape
+chunk measured on CPU was no faster with a cache as long as the prompt (the matmuls dominate and run in the same
+kernels) and 10-35% slower with a longer one (it attends over the whole cache, eager only over the tokens so far).
 """
 
 from __future__ import annotations
 
+import logging
+import time
 from collections.abc import Sequence
 
 import torch
 
+from llamakit.errors import LlamakitError
 from llamakit.model import KVCache, Transformer
+
+log = logging.getLogger(__name__)
 
 SEQ_MULTIPLE = 256  # static_cache rounds max_seq_len up to a multiple of this: few shapes, little waste
 
@@ -27,6 +35,11 @@ SEQ_MULTIPLE = 256  # static_cache rounds max_seq_len up to a multiple of this: 
 def bucket(slots_needed: int, max_slots: int) -> int:
     """The smallest power of two >= slots_needed, at most max_slots."""
     return min(1 << (slots_needed - 1).bit_length(), max_slots)
+
+
+def buckets(max_slots: int) -> list[int]:
+    """Every bucket a cache of max_slots slots can run: 1, 2, 4, ... and max_slots itself."""
+    return sorted({bucket(n, max_slots) for n in range(1, max_slots + 1)})
 
 
 def static_cache(model: Transformer, slots: int, seq_len: int) -> KVCache:
@@ -122,6 +135,26 @@ class CompiledDecode:
         logits = self._step(device)(model, cache.k, cache.v, padded, positions, valid)
         cache.append(slots, 1)
         return logits.index_select(0, index)  # (F, V): a copy, so a CUDA graph's next replay cannot overwrite it
+
+    def warm_up(self, cache: KVCache) -> list[int]:
+        """Compile the step now for every bucket `cache` can run (1, 2, 4, ... up to its slots), so that no request
+        waits for a compile later (a server does this before it reports ready); return the buckets.
+
+        The cache must be empty: each compile appends a token to one slot, and releasing the slots forgets it.
+        """
+        if cache.free_slots != cache.max_slots:
+            raise LlamakitError("warm_up needs an empty KV cache; warm up before taking any slot")
+        slots = [cache.acquire() for _ in range(cache.max_slots)]
+        token = torch.zeros(1, dtype=torch.long, device=cache.k.device)  # (1,)
+        try:
+            for b in buckets(cache.max_slots):
+                start = time.perf_counter()
+                self(self.model, cache, [b - 1], token)  # slot b-1 alone: runs bucket b
+                log.info("compiled the decode step for batch bucket %d in %.1f s", b, time.perf_counter() - start)
+        finally:
+            for slot in slots:
+                cache.release(slot)
+        return buckets(cache.max_slots)
 
     def _step(self, device: torch.device):
         if device.type not in self._compiled:

@@ -25,6 +25,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from llamakit.errors import LlamakitError
 from llamakit.generate.sampling import SamplingParams
+from llamakit.guard import Guard
+from llamakit.serve import moderation
 from llamakit.serve.metrics import Metrics
 from llamakit.serve.protocol import ChatCompletionRequest, CompletionRequest, SamplingFields, error_body
 from llamakit.serve.responses import Choice, TokenTexts, chat_chunk, chat_response, completion_chunk, completion_response
@@ -58,6 +60,7 @@ class ServerState:
     tokenizer: Tokenizer | None = None
     chat_style: str | None = None
     token_texts: TokenTexts | None = None
+    guard: Guard | None = None  # --guard: checks prompts and responses (serve/moderation.py)
     created: int = field(default_factory=lambda: int(time.time()))
 
 
@@ -201,13 +204,14 @@ async def _complete(state: ServerState, request: Request, body: SamplingFields, 
         raise APIError(404, f"The model `{body.model}` does not exist; this server serves `{state.model_name}`",
                        code="model_not_found", param="model")
     prompts = _chat_prompt(state, body) if chat else _completion_prompts(state, body)
+    moderate = await _guard(state, body, prompts, chat) if state.guard is not None else None
     jobs, events = _jobs(state, scheduler, body, prompts, chat)
     try:
         scheduler.submit(jobs)
     except QueueFull as e:
         raise APIError(429, str(e), "rate_limit_error", "too_many_waiting") from None
     ids = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
-    run = _Run(ids, state, scheduler, jobs, events, [len(p) for p in prompts], body, chat)
+    run = _Run(ids, state, scheduler, jobs, events, [len(p) for p in prompts], body, chat, moderate)
     if body.stream:
         return StreamingResponse(run.stream(request), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
@@ -234,8 +238,12 @@ def _completion_prompts(state: ServerState, body: CompletionRequest) -> list[lis
     return prompts
 
 
+def _dialog(body: ChatCompletionRequest) -> list[dict]:
+    return [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in body.messages]
+
+
 def _chat_prompt(state: ServerState, body: ChatCompletionRequest) -> list[list[int]]:
-    dialog = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in body.messages]
+    dialog = _dialog(body)
     if state.chat_style == "llama2" and has_special_tags(dialog):
         raise APIError(400, "a message contains a Llama 2 turn tag ([INST], <<SYS>>, ...), which could forge a turn "
                        "in this model's chat format; remove it", param="messages")
@@ -243,6 +251,20 @@ def _chat_prompt(state: ServerState, body: ChatCompletionRequest) -> list[list[i
         return [encode_dialog(state.tokenizer, dialog, state.chat_style)]
     except ChatFormatError as e:
         raise APIError(400, str(e), param="messages") from None
+
+
+async def _guard(state: ServerState, body: SamplingFields, prompts: list[list[int]], chat: bool):
+    """Refuse a prompt the guard finds unsafe (400); else return the check to run on the responses."""
+    if chat:
+        conversations = [moderation.chat_conversation(_dialog(body))]
+    else:
+        bos = state.tokenizer.bos_id
+        conversations = moderation.prompt_conversations(
+            [state.tokenizer.decode(p[1:] if p[0] == bos else p) for p in prompts])
+    reason = await moderation.refusal(state.guard, conversations)
+    if reason is not None:
+        raise APIError(400, reason, code=moderation.REFUSAL_CODE, param="messages" if chat else "prompt")
+    return lambda choices: moderation.moderate(state.guard, conversations, choices)
 
 
 def _jobs(state: ServerState, scheduler: Scheduler, body: SamplingFields, prompts: list[list[int]], chat: bool
@@ -304,8 +326,9 @@ class _Run:
     """One HTTP request's jobs in flight: their events, gathered into a response or a stream of chunks."""
 
     def __init__(self, id_: str, state: ServerState, scheduler: Scheduler, jobs: list[Job], events: asyncio.Queue,
-                 prompt_lens: list[int], body: SamplingFields, chat: bool):
+                 prompt_lens: list[int], body: SamplingFields, chat: bool, moderate=None):
         self.id, self.state, self.scheduler, self.jobs, self.events = id_, state, scheduler, jobs, events
+        self.moderate = moderate  # None, or a coroutine function that withholds unsafe choices
         self.body, self.chat, self.created = body, chat, int(time.time())
         self.prompt_tokens = sum(prompt_lens)
         self.choices = [Choice(i, state.token_texts, job.logprobs) for i, job in enumerate(jobs)]
@@ -340,6 +363,8 @@ class _Run:
     async def collect(self, request: Request) -> JSONResponse:
         async for index, event in self._events(request):
             self._apply(index, event)
+        if self.moderate is not None:
+            await self.moderate(self.choices)
         failed = [c.error for c in self.choices if c.error]
         if failed:
             raise APIError(500, failed[0], "server_error")
@@ -352,7 +377,7 @@ class _Run:
         if self.chat:  # the first chunk of each choice names the role
             for c in self.choices:
                 yield _sse(build(self.id, self.created, self.state.model_name, c.index, role="assistant"))
-        async for index, event in self._events(request):
+        async for index, event in self._events(request) if self.moderate is None else self._held(request):
             choice = self.choices[index]
             self._apply(index, event)
             if isinstance(event, Failed):
@@ -368,6 +393,23 @@ class _Run:
         if options is not None and options.include_usage:
             yield _sse({**build(self.id, self.created, self.state.model_name, None), "usage": self._usage()})
         yield "data: [DONE]\n\n"
+
+    async def _held(self, request: Request) -> AsyncIterator[tuple[int, object]]:
+        """With a guard: every event first (nothing is sent before the guard has read the whole response), then
+        each moderated choice as one Delta and its Finished (or its Failed)."""
+        async for index, event in self._events(request):
+            self._apply(index, event)
+        if any(c.finish_reason is None and c.error is None for c in self.choices):
+            return  # the client left: nothing to check or send
+        await self.moderate(self.choices)
+        for c in self.choices:
+            if c.error is not None:
+                yield c.index, Failed(c.error)
+                continue
+            text, tokens, completion_tokens = c.text, c.tokens, c.completion_tokens
+            c.text, c.tokens = "", []
+            yield c.index, Delta(text, tokens)
+            yield c.index, Finished(c.finish_reason, 0, completion_tokens)
 
     def _apply(self, index: int, event) -> None:
         choice = self.choices[index]

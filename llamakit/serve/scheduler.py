@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 import torch
 
 from llamakit.errors import LlamakitError
+from llamakit.generate.compiled import CompiledDecode
 from llamakit.generate.decode import RowOutput
 from llamakit.generate.engine import PREFILL_CHUNK, Decoder, Request, Token
 from llamakit.generate.sampling import SamplingParams
@@ -81,11 +82,16 @@ class _Running:
 
 
 class Scheduler:
-    """Runs jobs on a model with continuous batching, on its own thread; `submit` and `cancel` from any thread."""
+    """Runs jobs on a model with continuous batching, on its own thread; `submit` and `cancel` from any thread.
+
+    With `compiled`, decode steps run its static-shape compiled step on the same cache (the live slots padded to
+    a batch bucket); prompts are still prefilled eagerly into it. Every bucket is compiled before the constructor
+    returns, so the server reports ready only once no request will wait for a compile.
+    """
 
     def __init__(self, model: Transformer, tokenizer: Tokenizer, *, max_batch_size: int, max_seq_len: int,
                  max_waiting: int, prefill_chunk: int = PREFILL_CHUNK, metrics: Metrics | None = None,
-                 seed: int | None = None):
+                 seed: int | None = None, compiled: CompiledDecode | None = None):
         self.tokenizer, self.max_waiting, self.metrics = tokenizer, max_waiting, metrics
         self.max_seq_len = max_seq_len
         self._waiting: deque[Job] = deque()
@@ -101,7 +107,12 @@ class Scheduler:
                 self.cache = KVCache.for_model(model, max_batch_size, max_seq_len)
                 generator = torch.Generator(self.cache.k.device)
                 generator.manual_seed(seed) if seed is not None else generator.seed()
-                self.decoder = Decoder(model, self.cache, generator, prefill_chunk=prefill_chunk)
+                self.decoder = Decoder(model, self.cache, generator, prefill_chunk=prefill_chunk, decode=compiled)
+                if compiled is not None:  # every bucket compiles now, so the constructor returns ready to serve
+                    start = time.perf_counter()
+                    buckets = compiled.warm_up(self.cache)
+                    log.info("compiled the decode step for batch buckets %s in %.0f s",
+                             ", ".join(map(str, buckets)), time.perf_counter() - start)
             except BaseException as e:  # noqa: BLE001 - raised in the constructor's thread
                 failure.append(e)
                 return

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import uvicorn
 
+from llamakit.generate.compiled import CompiledDecode
 from llamakit.serve.app import ServerState, create_app
 from llamakit.serve.responses import TokenTexts
 from llamakit.serve.scheduler import Scheduler
@@ -32,6 +33,7 @@ class ServeConfig:
     seed: int | None = None
     max_body_bytes: int = 4 * 2**20
     drain_seconds: float = 5.0
+    compile: bool = False  # decode with a torch.compile'd step, compiled for every batch bucket before ready
 
 
 class _Server(uvicorn.Server):
@@ -53,9 +55,17 @@ class _Server(uvicorn.Server):
         super().handle_exit(sig, frame)
 
 
-def serve(cfg: ServeConfig, load) -> None:
-    """Run until interrupted. `load()` returns (model, tokenizer, max_seq_len, chat_style); its errors stop the
-    server with that message."""
+def _compiled(cfg: ServeConfig, model) -> CompiledDecode | None:
+    if not cfg.compile:
+        return None
+    log.info("compiling the decode step for every batch size up to %d (/health says loading until done)",
+             cfg.max_batch_size)
+    return CompiledDecode(model)
+
+
+def serve(cfg: ServeConfig, load, load_guard=None) -> None:
+    """Run until interrupted. `load()` returns (model, tokenizer, max_seq_len, chat_style), `load_guard()` (if
+    given) the Guard that checks prompts and responses; their errors stop the server with that message."""
     state = ServerState(model_name=cfg.model_name, api_key=cfg.api_key,
                         max_body_bytes=cfg.max_body_bytes)
     server = _Server(uvicorn.Config(create_app(state), host=cfg.host, port=cfg.port, log_level="warning",
@@ -65,11 +75,12 @@ def serve(cfg: ServeConfig, load) -> None:
     def load_in_background() -> None:
         try:
             model, tokenizer, max_seq_len, style = load()
+            state.guard = load_guard() if load_guard is not None else None  # before the scheduler: /health waits
             state.tokenizer, state.chat_style, state.token_texts = tokenizer, style, TokenTexts(tokenizer)
             state.metrics.slots_total.set(cfg.max_batch_size)
             state.scheduler = Scheduler(model, tokenizer, max_batch_size=cfg.max_batch_size, max_seq_len=max_seq_len,
                                         max_waiting=cfg.max_waiting, prefill_chunk=cfg.prefill_chunk,
-                                        metrics=state.metrics, seed=cfg.seed)
+                                        metrics=state.metrics, seed=cfg.seed, compiled=_compiled(cfg, model))
             log.info("serving %s at http://%s:%d/v1 (chat page at http://%s:%d/)", state.model_name, cfg.host,
                         cfg.port, cfg.host, cfg.port)
         except BaseException as e:  # noqa: BLE001 - reported by serve() once the server has stopped

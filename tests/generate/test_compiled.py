@@ -8,7 +8,7 @@ from torch._dynamo.utils import counters
 from llamakit.checkpoint import load_checkpoint
 from llamakit.errors import LlamakitError
 from llamakit.generate import SamplingParams, generate
-from llamakit.generate.compiled import CompiledDecode, bucket, static_cache
+from llamakit.generate.compiled import CompiledDecode, bucket, buckets, static_cache
 from llamakit.generate.decode import prepare_for_decoding
 
 GREEDY = SamplingParams(temperature=0)
@@ -35,6 +35,7 @@ def encode(tokenizer, texts):
 def test_buckets_and_static_cache(stories):
     assert [bucket(n, 8) for n in (1, 2, 3, 4, 5, 8)] == [1, 2, 4, 4, 8, 8]
     assert bucket(3, 3) == 3  # never more rows than the cache has slots
+    assert buckets(1) == [1] and buckets(6) == [1, 2, 4, 6] and buckets(8) == [1, 2, 4, 8]
     cache = static_cache(stories[0], 3, 40)
     assert (cache.max_slots, cache.max_seq_len) == (4, 256)
 
@@ -77,3 +78,20 @@ def test_a_full_or_repeated_slot_is_refused_as_in_eager(stories, compiled):
     cache.lengths[0] = 3
     with pytest.raises(LlamakitError, match="repeat"):
         compiled(model, cache, [0, 0], torch.tensor([5, 6]))
+
+
+def test_warm_up_compiles_ahead_and_leaves_the_cache_empty(stories, compiled):
+    """What a server does before it reports ready: after warm_up, decoding compiles nothing more, and the cache is
+    as it was (free slots, nothing held), so it decodes exactly as eager."""
+    model, tokenizer = stories
+    cache = compiled.cache(1, 8)
+    assert compiled.warm_up(cache) == [1]
+    assert cache.free_slots == 1 and cache.lengths == [0]
+    graphs = counters["stats"]["unique_graphs"]
+    prompts = encode(tokenizer, PROMPTS[2:3])
+    ours = generate(model, tokenizer, prompts, 20, GREEDY, cache=cache, compiled=compiled)
+    assert counters["stats"]["unique_graphs"] == graphs
+    assert ours[0].tokens == generate(model, tokenizer, prompts, 20, GREEDY)[0].tokens
+    cache.acquire()
+    with pytest.raises(LlamakitError, match="empty KV cache"):
+        compiled.warm_up(cache)

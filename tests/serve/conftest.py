@@ -41,6 +41,13 @@ def free_port() -> int:
 
 
 def start_server(assets, log_path, *extra: str, api_key: str | None = API_KEY) -> Server:
+    server = launch(assets, log_path, *extra, api_key=api_key)
+    wait_ready(server)
+    return server
+
+
+def launch(assets, log_path, *extra: str, api_key: str | None = API_KEY) -> Server:
+    """Start the server process; it is not ready yet."""
     port = free_port()
     command = [sys.executable, "-m", "llamakit", "serve", "--checkpoint", str(assets / "tinyllamas" / "stories260K.bin"),
                "--tokenizer", str(assets / "tinyllamas" / "tok512.model"), "--port", str(port),
@@ -50,9 +57,7 @@ def start_server(assets, log_path, *extra: str, api_key: str | None = API_KEY) -
     log = open(log_path, "w", encoding="utf-8")  # noqa: SIM115 - closed by stop()
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
-    server = Server(f"http://127.0.0.1:{port}", proc, log)
-    wait_ready(server)
-    return server
+    return Server(f"http://127.0.0.1:{port}", proc, log)
 
 
 def wait_ready(server: Server, timeout: float = 60) -> None:
