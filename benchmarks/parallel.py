@@ -10,8 +10,11 @@ Every layout trains the same model (a preset, random init, seed 0) on the same d
 batch, so every row computes the same losses (checked: each row's losses must equal the 1-process row's within
 1e-4). The machine's --threads are shared: one process uses them all, N processes get threads/N each (at least
 1, so 4 processes on 2 cores oversubscribe; the table says so). tokens/s is the median over the steps after the
-first; "peak RSS" is the largest resident set of any process of the job (getrusage of the reaped children, one
-job per wrapper process), which includes the ~0.3 GB every PyTorch process pays to import torch.
+first. "peak RSS" is the largest resident set of any process of the job over its whole life (getrusage of the
+reaped children, one job per wrapper process): loading included, when every process builds the whole model
+before it is split, and the ~0.3 GB every PyTorch process pays to import torch. "training steps" is the
+largest peak of any process during the training steps alone (the loop's `peak_memory_gb` metric: Linux's
+VmHWM, reset when training starts), which is what the layout changes.
 """
 
 from __future__ import annotations
@@ -60,9 +63,10 @@ def prepared_data() -> Path:
 
 
 def config_file(preset: str, out: Path) -> Path:
-    """configs/pretrain/tiny.yaml's recipe with the model of `preset`."""
+    """configs/pretrain/tiny.yaml's recipe with the model of `preset`, untied (the output head its own matrix, as in
+    Llama 1/2/3: pipeline stages cannot share one between the first and the last)."""
     config = yaml.safe_load((REPO / "configs" / "pretrain" / "tiny.yaml").read_text())
-    config["model"] = {"preset": preset}
+    config["model"] = {"preset": preset, "tie_word_embeddings": False}
     path = out / f"{preset}.yaml"
     path.write_text(yaml.safe_dump(config))
     return path
@@ -77,7 +81,7 @@ def run_layout(name: str, args, data: Path, out: Path) -> dict:
                "--data.path", str(data), "--data.seq_len", str(args.seq_len), "--train.batch_size", str(args.batch_size),
                "--train.micro_batch_size", str(args.micro_batch_size), "--train.max_steps", str(args.steps),
                "--train.device", "cpu", "--train.tensor_parallel", str(tp), "--train.pipeline_parallel", str(pp),
-               "--train.parallel", kind, "--eval.every", "0", "--eval.batches", "1", "--checkpoint.every", "0",
+               "--train.parallel", kind, "--eval.every", "0", "--eval.batches", "4", "--checkpoint.every", "0",
                "--log.tensorboard", "false", "--log.plot", "false", "--optim.warmup_steps", "2",
                "--checkpoint.out_dir", str(out / name)]
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONHASHSEED": "0"}
@@ -88,7 +92,8 @@ def run_layout(name: str, args, data: Path, out: Path) -> dict:
     steps = [r for r in records if "tokens_per_s" in r]
     return {"layout": name, "processes": nproc, "tp": tp, "pp": pp, "dp": nproc // (tp * pp), "threads": threads,
             "tokens_per_s": statistics.median(r["tokens_per_s"] for r in steps[1:]),
-            "peak_rss_gb": int(done.stdout.split()[-1]) / 2**30, "losses": [r["loss"] for r in steps]}
+            "peak_rss_gb": int(done.stdout.split()[-1]) / 2**30, "losses": [r["loss"] for r in steps],
+            "step_peak_gb": max(r.get("peak_memory_gb", float("nan")) for r in steps)}
 
 
 def main() -> None:
@@ -112,7 +117,8 @@ def main() -> None:
             speed = row["tokens_per_s"] / base["tokens_per_s"]
             print(f"{name:>10}  {row['processes']} proc  tp {row['tp']} pp {row['pp']} dp {row['dp']}  "
                   f"{row['threads']} thr/proc  {row['tokens_per_s']:8.1f} tok/s ({speed:.2f}x)"
-                  f"  peak RSS/proc {row['peak_rss_gb']:.2f} GB  loss drift {drift:.1e}", flush=True)
+                  f"  peak RSS/proc {row['peak_rss_gb']:.2f} GB (training steps {row['step_peak_gb']:.2f} GB)"
+                  f"  loss drift {drift:.1e}", flush=True)
             if drift > 1e-4:
                 raise SystemExit(f"layout {name}: losses differ from {base['layout']}'s by {drift:.2e}")
     if args.output:

@@ -3,8 +3,8 @@
 A Meta checkpoint with as many consolidated.NN.pth files as processes is read one file per process, its pieces
 used as they are (Meta split the weights the way our tensor-parallel layout does; only wq/wk rows are permuted
 to our RoPE layout, per head, which a piece's whole heads allow). Any other checkpoint is read through its
-memory-mapped file and each process copies out only the rows or columns it owns (a merged Meta checkpoint of
-another shard count is assembled one weight at a time first).
+memory-mapped file and each process copies out only the rows or columns it owns (a Meta checkpoint of another
+shard count is merged in memory first: every process then briefly holds the whole model).
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ def load_model_tensor_parallel(path: str | Path, mesh: DeviceMesh, dtype: torch.
     if fmt == "meta" and len(meta.shard_files(path)) == tp:  # one file per process: read only this one's
         config, pieces = _meta_pieces(path, tp, rank, mesh)
         split = _embedding_dim(pieces, config)
-    else:  # memory-mapped (a Meta checkpoint of another shard count is merged first, a weight at a time)
+    else:  # memory-mapped (a Meta checkpoint of another shard count is merged in memory first)
         (config, full), pieces = read_checkpoint(path), None
         split = embedding_split(config, tp)
     check_tensor_parallel(config, tp)

@@ -93,8 +93,12 @@ def eval_batches(samples: Samples, num_batches: int, micro_batch_size: int, rank
     """
     total = min(samples.num_samples, num_batches * micro_batch_size)
     total -= total % world_size
-    if total == 0:
+    if total == 0 and samples.num_samples < world_size:
         raise DataError(f"the validation split holds {samples.num_samples} sample(s), fewer than the {world_size} "
                         "processes; give it more examples (a larger val fraction, or a validation file)")
+    if total == 0:
+        raise DataError(f"eval.batches={num_batches} micro-batches of {micro_batch_size} give fewer validation samples "
+                        f"than the {world_size} data-parallel processes; raise eval.batches to at least "
+                        f"{-(-world_size // micro_batch_size)}")
     mine = list(range(rank, total, world_size))
     return [samples.batch(mine[i:i + micro_batch_size]) for i in range(0, len(mine), micro_batch_size)]

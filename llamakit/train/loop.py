@@ -19,10 +19,10 @@ from torch import nn
 from torch.distributed.tensor import DTensor
 
 from llamakit.model import resolve_dtype
-from llamakit.train.metrics import MetricsLog
+from llamakit.train.metrics import MetricsLog, peak_memory_gb, reset_peak_memory
 from llamakit.train.objectives import Batch, Objective
 from llamakit.train.optim import set_lr
-from llamakit.train.parallel import all_reduce_sum, gradient_sync
+from llamakit.train.parallel import all_reduce_max, all_reduce_sum, gradient_sync
 from llamakit.train.state import Checkpointer, TrainState
 
 
@@ -60,6 +60,7 @@ def train(model: nn.Module, objective: Objective, optimizer: torch.optim.Optimiz
     if state.step == 0 and settings.eval_every:  # the starting point of the validation curve
         metrics.record(0, evaluate(model, objective, data.val_batches, autocast, device, settings.group), show=True)
     model.train()
+    reset_peak_memory(device)
     while state.step < settings.max_steps:
         start = time.perf_counter()
         lr = schedule(state.step)
@@ -72,6 +73,8 @@ def train(model: nn.Module, objective: Objective, optimizer: torch.optim.Optimiz
         own = data.step_metrics(state.step - 1) if data.step_metrics is not None else {}
         values = {**own, **means, "lr": lr, "grad_norm": grad_norm, "tokens_per_s": tokens / seconds,
                   "tokens_seen": state.tokens_seen}
+        if (memory := peak_memory_gb(device)) is not None:  # the largest of any process
+            values["peak_memory_gb"] = all_reduce_max(memory, device)
         if settings.peak_flops:
             values["mfu"] = tokens * settings.flops_per_token / seconds / (settings.peak_flops * settings.world_size)
         last = state.step == settings.max_steps

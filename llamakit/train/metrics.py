@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import time
@@ -51,6 +52,27 @@ def _measured_matmul_flops(device: torch.device, dtype: torch.dtype, n: int = 20
             torch.cuda.synchronize(device)
         best = min(best, time.perf_counter() - start)
     return 2 * n**3 / best
+
+
+def reset_peak_memory(device: torch.device) -> None:
+    """Measure this process's peak memory afresh from here (the training steps', not loading's)."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return
+    with contextlib.suppress(OSError):  # Linux: resets VmHWM (the peak resident set) to the current one
+        Path("/proc/self/clear_refs").write_text("5")
+
+
+def peak_memory_gb(device: torch.device) -> float | None:
+    """This process's peak memory since reset_peak_memory: allocated CUDA memory, or on CPU the resident set
+    (Linux's VmHWM; None where the system does not report it)."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    with contextlib.suppress(OSError, ValueError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024 / 2**30  # kB
+    return None
 
 
 class MetricsLog:

@@ -138,6 +138,15 @@ def all_reduce_sum(values: list[float], device: torch.device, group=None) -> lis
     return t.tolist()
 
 
+def all_reduce_max(value: float, device: torch.device) -> float:
+    """The largest of a number over all processes (itself for one process)."""
+    if not dist.is_initialized():
+        return value
+    t = torch.tensor([value], dtype=torch.float64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return float(t)
+
+
 def data_parallel_group(procs: Processes):
     """The processes holding the same part of the model and reading different data (None: all of them)."""
     if procs.tp == procs.pp == 1:

@@ -136,6 +136,9 @@ def test_a_step_holds_the_same_samples_whatever_the_process_count(world_size):
     assert len({sum(len(b["input_ids"]) for b in part) for part in val}) == 1
     with pytest.raises(DataError, match="fewer than the 8 processes"):
         eval_batches(PackedWindows(Stream(64 * 5 + 1), seq_len=64), 3, 2, 0, 8)
+    with pytest.raises(DataError, match="eval.batches=1 micro-batches of 2 give fewer validation samples than the 4 "
+                                        "data-parallel processes; raise eval.batches to at least 2"):
+        eval_batches(windows, 1, 2, 0, 4)  # 40 samples, but only 2 of them asked for
 
 
 def test_alignment_presets_load_and_match_the_papers():
