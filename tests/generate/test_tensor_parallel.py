@@ -15,7 +15,7 @@ import torch
 
 from llamakit import Llama, load_model, save_model
 from llamakit.cli import main
-from llamakit.model import ModelConfig, Transformer
+from llamakit.model import Transformer
 
 REPO = Path(__file__).resolve().parents[2]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
