@@ -185,16 +185,17 @@ def model_processes(args: argparse.Namespace):
     With --tp, only the first process prints; the others compute their share of every token silently."""
     from llamakit.runtime import device_mesh, init_processes, job_size, resolve_device
 
-    if args.tp == 1:
+    tp = getattr(args, "tp", 1)  # commands without --tp (serve, rejection-sample) run on one process
+    if tp == 1:
         return resolve_device(args.device, "--device"), None
     world = job_size()
-    if world != args.tp:
-        raise LlamakitError(f"--tp {args.tp} splits the model over {args.tp} processes, but this job has {world}; run "
-                            f"it as torchrun --nproc_per_node {args.tp} -m llamakit {args.command} ...")
+    if world != tp:
+        raise LlamakitError(f"--tp {tp} splits the model over {tp} processes, but this job has {world}; run "
+                            f"it as torchrun --nproc_per_node {tp} -m llamakit {args.command} ...")
     if getattr(args, "compile", False) or getattr(args, "draft_checkpoint", None) or getattr(args, "prompt_lookup", 0):
         raise LlamakitError("--tp runs eager, plain decoding: leave out --compile, --draft-checkpoint and "
                             "--prompt-lookup")
-    procs = init_processes(args.device, "--device").with_layout(tp=args.tp, names=("--tp", "pp"))
+    procs = init_processes(args.device, "--device").with_layout(tp=tp, names=("--tp", "pp"))
     if not procs.is_main:
         sys.stdout = open(os.devnull, "w")  # noqa: SIM115 (for the life of the process)
     return procs.device, device_mesh(procs)["tp"]

@@ -20,7 +20,6 @@ strings (Minerva also tries SymPy equivalence; we do not, so this is lm-eval's e
 
 from __future__ import annotations
 
-import json
 import re
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -31,7 +30,7 @@ from llamakit.errors import EvalError
 from llamakit.eval.math_prompts import GSM8K_SHOTS, MINERVA_SHOTS
 from llamakit.eval.minerva import last_boxed, normalize_final_answer
 from llamakit.eval.multiple_choice import TaskResult, stderr_of_mean
-from llamakit.eval.readers import field, read_jsonl, read_lines, sha256_of
+from llamakit.eval.readers import field, numbered_order, read_json_object, read_jsonl, sha256_of
 from llamakit.eval.scoring import greedy_answers
 from llamakit.generate import SamplingParams
 from llamakit.model import Transformer
@@ -147,19 +146,14 @@ def load_math(path: Path) -> list[Problem]:
     """The official release (a folder of <subject>/<n>.json: problem, level, type, solution), or JSONL rows."""
     if not path.is_dir():
         return [_math_problem(row, f"{path}:{n}", str(n)) for n, row in read_jsonl(path)]
-    files = sorted(path.rglob("*.json"), key=lambda p: (str(p.parent), int(p.stem) if p.stem.isdigit() else 0, p.name))
+    files = sorted(path.rglob("*.json"), key=numbered_order)
     if not files:
         raise EvalError(f"{path}: no <subject>/<n>.json files; pass the MATH test folder (e.g. MATH/test) or JSONL")
     if any("train" in f.relative_to(path).parts[:-1] for f in files):
         raise EvalError(f"{path} holds training problems (a train/ folder); pass the test folder, MATH/test")
     problems = []
     for file in files:
-        try:
-            row = json.loads("\n".join(read_lines(file)))
-        except json.JSONDecodeError as e:
-            raise EvalError(f"{file}: not valid JSON ({e.msg}); a MATH problem file holds one JSON object") from None
-        if not isinstance(row, dict):
-            raise EvalError(f"{file}: expected a JSON object with problem, level, type, solution")
+        row = read_json_object(file, "a MATH problem", "problem, level, type, solution")
         problems.append(_math_problem(row, str(file), f"{file.parent.name}/{file.stem}", file.parent.name))
     return problems
 

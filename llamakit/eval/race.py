@@ -21,13 +21,12 @@ article per line; a question per line as on the Hugging Face hub (ehovy/race: `e
 from __future__ import annotations
 
 import ast
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 from llamakit.errors import EvalError
 from llamakit.eval.multiple_choice import TaskResult, accuracy, score_examples
-from llamakit.eval.readers import field, read_jsonl, read_lines, sha256_of
+from llamakit.eval.readers import field, numbered_order, read_json_object, read_jsonl, sha256_of
 from llamakit.eval.tasks import MCExample
 from llamakit.model import Transformer
 from llamakit.tokenizer import Tokenizer
@@ -88,7 +87,7 @@ def _level_of(article_id: str) -> str:
 def load_race(path: Path) -> list[Article]:
     """Articles from the official folder (searched recursively, middle/ and high/ named as levels) or JSONL."""
     if path.is_dir():
-        files = sorted((p for p in path.rglob("*") if p.suffix in (".txt", ".json") and p.is_file()), key=_file_order)
+        files = sorted((p for p in path.rglob("*") if p.suffix in (".txt", ".json") and p.is_file()), key=numbered_order)
         if not files:
             raise EvalError(f"{path}: no RACE article files (<n>.txt); pass the official folder (e.g. RACE/test/high) "
                             "or a JSONL file")
@@ -100,17 +99,8 @@ def load_race(path: Path) -> list[Article]:
     return _articles_from_rows(path)
 
 
-def _file_order(path: Path) -> tuple:
-    return (str(path.parent), int(path.stem) if path.stem.isdigit() else 0, path.name)
-
-
 def _read_article(path: Path, root: Path) -> Article:
-    try:
-        data = json.loads("\n".join(read_lines(path)))
-    except json.JSONDecodeError as e:
-        raise EvalError(f"{path}: not valid JSON ({e.msg}); a RACE article file holds one JSON object") from None
-    if not isinstance(data, dict):
-        raise EvalError(f"{path}: expected a JSON object with article, questions, options, answers")
+    data = read_json_object(path, "a RACE article", "article, questions, options, answers")
     level = next((part for part in reversed(path.relative_to(root.parent).parts[:-1]) if part in LEVELS), "")
     return article_from_official(data, str(path), level)
 

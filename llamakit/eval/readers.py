@@ -45,6 +45,22 @@ def read_jsonl(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
         yield number, row
 
 
+def read_json_object(path: Path, what: str, fields: str) -> dict[str, Any]:
+    """The one JSON object of a per-item file (a RACE article, a MATH problem), holding `fields`."""
+    try:
+        data = json.loads("\n".join(read_lines(path)))
+    except json.JSONDecodeError as e:
+        raise EvalError(f"{path}: not valid JSON ({e.msg}); {what} file holds one JSON object") from None
+    if not isinstance(data, dict):
+        raise EvalError(f"{path}: expected a JSON object with {fields}")
+    return data
+
+
+def numbered_order(path: Path) -> tuple:
+    """Sort key of per-item files named <n>.json (or .txt) in folders: by folder, then by number."""
+    return (str(path.parent), int(path.stem) if path.stem.isdigit() else 0, path.name)
+
+
 def read_csv(path: Path) -> list[tuple[int, list[str]]]:
     """(line number, fields) for each row of a CSV file."""
     try:

@@ -139,7 +139,7 @@ def test_four_processes_slice_a_two_shard_checkpoint_and_repeat_kv_heads(checkpo
             assert got["cache_heads"] == 1
 
 
-def test_generate_and_chat_with_tp_under_torchrun(checkpoints, tmp_path, capsys, one_thread):
+def test_generate_with_tp_under_torchrun(checkpoints, tmp_path, capsys, one_thread):
     ckpt, tok = checkpoints["llama3"], checkpoints["tok"]
     args = ["generate", "--checkpoint", ckpt, "--tokenizer", tok, "--temperature", "0", "--max-new-tokens", "30"]
     assert main([str(a) for a in args] + ["Once upon a time"]) == 0
@@ -147,6 +147,11 @@ def test_generate_and_chat_with_tp_under_torchrun(checkpoints, tmp_path, capsys,
     two = torchrun(2, "-m", "llamakit", *args, "--tp", "2", "Once upon a time")
     assert two.stdout == alone  # printed once, by the first process
 
+
+@pytest.mark.slow
+def test_chat_with_tp_under_torchrun(checkpoints):
+    """The first process reads each line and hands it to the others; the session equals one process's."""
+    ckpt, tok = checkpoints["llama3"], checkpoints["tok"]
     chat = ["chat", "--checkpoint", ckpt, "--tokenizer", tok, "--temperature", "0", "--max-new-tokens", "12",
             "--chat-format", "alpaca"]
     lines = "Hello there\n/reset\nTell me a story\n"

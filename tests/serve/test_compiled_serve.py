@@ -11,6 +11,8 @@ import pytest
 
 from tests.serve.conftest import API_KEY, MODEL, launch, stop, wait_ready
 
+pytestmark = pytest.mark.slow  # compiles a decode step per bucket: ~45 s cold on 2 cores
+
 HEADERS = {"Authorization": f"Bearer {API_KEY}"}
 PROMPTS = ["Once upon a time", "The little dog ran to the park and saw", "Lily", "Tom had a big red ball. One day,",
            "The sun was hot and the girl wanted to swim in the", "A bird"]

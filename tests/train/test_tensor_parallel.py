@@ -83,6 +83,7 @@ def test_a_tensor_parallel_run_resumes_on_one_process(prepared, one, tmp_path): 
     assert_same_run(run, one)
 
 
+@pytest.mark.slow  # the layout check itself is tested in tests/test_runtime.py
 def test_a_layout_the_job_cannot_hold_is_one_line(prepared, tmp_path):  # noqa: F811
     done = pretrain(2, tmp_path / "bad", prepared, "--train.tensor_parallel", "3", "--train.max_steps", "1")
     assert done.returncode != 0
