@@ -22,6 +22,7 @@ from llamakit.errors import LlamakitError
 from llamakit.generate.engine import append_rows, decode_one, prefill_batch
 from llamakit.generate.sampling import RowParams, SamplingParams, draw, probs
 from llamakit.model import KVCache, Transformer
+from llamakit.tokenizer.chat import common_prefix
 
 Draft = tuple[list[int], torch.Tensor | None]  # drafted tokens (n,) and their draft distributions (n, V), or None
 Generators = Sequence[torch.Generator | None]
@@ -171,13 +172,3 @@ def rows_probs(logits: torch.Tensor, params: Sequence[SamplingParams]) -> torch.
 def one_generator(generators: Generators) -> torch.Generator | None | list[torch.Generator | None]:
     """What `draw` takes for these rows: their one shared generator, or the list of their own."""
     return generators[0] if all(g is generators[0] for g in generators) else list(generators)
-
-
-def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
-    """How many leading tokens a and b share."""
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return n

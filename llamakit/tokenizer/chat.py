@@ -3,6 +3,7 @@ Stanford Alpaca prompts (the format an Alpaca-tuned model or adapter answers in)
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 from llamakit.errors import TokenizerError
@@ -149,7 +150,7 @@ def _llama3_exchanges(tokenizer: Tokenizer, dialog: Dialog) -> list[Exchange]:
     return pairs
 
 
-def common_prefix(a: list[int], b: list[int]) -> int:
+def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
     """The length of the longest common prefix of a and b."""
     n = min(len(a), len(b))
     return next((i for i in range(n) if a[i] != b[i]), n)
