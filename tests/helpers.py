@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import socket
+
 import torch
 
 BASE = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
@@ -59,3 +61,10 @@ def write_clear_preferences(path, count: int = 72):
             f.write(json.dumps({"prompt": f"Tell me story number {i}.", "chosen": CLEAR_CHOICE[0],
                                 "rejected": CLEAR_CHOICE[1]}) + "\n")
     return path
+
+
+def free_port() -> int:
+    """A TCP port nothing listens on now (for a server or torchrun's rendezvous)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

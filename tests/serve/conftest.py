@@ -2,7 +2,6 @@
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -13,6 +12,7 @@ import pytest
 from llamakit import load_checkpoint
 from llamakit.generate import SamplingParams, generate, prepare_for_decoding, stream
 from llamakit.tokenizer.chat import encode_dialog, stop_ids_for
+from tests.helpers import free_port
 
 GREEDY = SamplingParams(temperature=0)
 API_KEY = "test-key-123"
@@ -32,12 +32,6 @@ class Server:
     def log_text(self) -> str:
         with open(self.log.name, encoding="utf-8") as f:
             return f.read()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def start_server(assets, log_path, *extra: str, api_key: str | None = API_KEY) -> Server:

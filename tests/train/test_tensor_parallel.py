@@ -1,9 +1,7 @@
 """Tensor-parallel training under torchrun (gloo on CPU): TP=2 and TP x FSDP 2 x 2 give the one-process losses
 and weights; a run saved under one layout resumes exactly under another."""
 
-import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -12,17 +10,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.train.test_pretrain import SMALL, TINY, prepared  # noqa: F401 (the shared prepared corpus)
+from tests.helpers import free_port
+from tests.train.test_pretrain import SMALL, TINY, _losses, prepared  # noqa: F401 (the shared prepared corpus)
 
 REPO = Path(__file__).resolve().parents[2]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONHASHSEED": "0"}
 STEPS = ["--train.max_steps", "10", "--eval.every", "5", "--checkpoint.every", "5"]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def pretrain(nproc: int, out: Path, data: Path, *args: str) -> subprocess.CompletedProcess:
@@ -33,14 +26,9 @@ def pretrain(nproc: int, out: Path, data: Path, *args: str) -> subprocess.Comple
     return subprocess.run(command, env=ENV, capture_output=True, text=True, timeout=600, cwd=REPO)
 
 
-def metrics(run: Path, key: str) -> dict[int, float]:
-    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    return {r["step"]: r[key] for r in records if key in r}
-
-
 def assert_same_run(run: Path, ref: Path) -> None:
     for key in ("loss", "val_loss", "grad_norm"):
-        got, want = metrics(run, key), metrics(ref, key)
+        got, want = _losses(run, key), _losses(ref, key)
         assert got.keys() == want.keys(), key
         assert all(abs(got[s] - want[s]) < 1e-5 for s in want), (key, got, want)
     got, want = load_file(run / "final" / "model.safetensors"), load_file(ref / "final" / "model.safetensors")
