@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from llamakit.errors import DataError
 from llamakit.files import atomic_file, write_atomic
 from llamakit.model import ModelConfig
 
@@ -121,9 +122,19 @@ def _short(value: float) -> str:
 
 
 def read_metrics(path: Path) -> list[dict]:
+    """The records of a metrics.jsonl; a last line cut short (a process killed mid-write) is dropped with a warning."""
     if not path.is_file():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    lines = [(n, line) for n, line in enumerate(path.read_text().splitlines(), 1) if line.strip()]
+    records = []
+    for n, line in lines:
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError as e:
+            if n != lines[-1][0]:
+                raise DataError(f"{path}:{n}: not valid JSON ({e.msg}); the metrics file is damaged") from None
+            log.warning("%s:%d: dropped a record cut short (the run was killed while writing it)", path, n)
+    return records
 
 
 def _truncate_after(path: Path, step: int) -> None:

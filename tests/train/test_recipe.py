@@ -160,3 +160,15 @@ def test_alignment_presets_load_and_match_the_papers():
                               ("reward/tiny-reward-lora", RewardRunConfig, []),
                               ("ppo/tiny-ppo", PPORunConfig, ["--ppo.reward_function", "my_rewards:score"])):
         assert parse_config(root / f"{tiny}.yaml", extra, kind).train.max_steps <= 60
+
+
+def test_a_metrics_file_cut_short_by_a_kill_still_reads(tmp_path):
+    """kill -9 mid-write leaves a partial last line: resume and `scaling fit` drop it; damage elsewhere is an error."""
+    from llamakit.train.metrics import read_metrics
+
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 1, "loss": 6.2}\n{"step": 2, "loss": 6.1}\n{"step": 3, "lo')
+    assert read_metrics(path) == [{"step": 1, "loss": 6.2}, {"step": 2, "loss": 6.1}]
+    path.write_text('{"step": 1, "lo\n{"step": 2, "loss": 6.1}\n')
+    with pytest.raises(DataError, match=r"metrics.jsonl:1: not valid JSON"):
+        read_metrics(path)
