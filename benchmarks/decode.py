@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import json
 import os
 import statistics
@@ -52,13 +53,15 @@ import decode_llama_cpp  # benchmarks/ is sys.path[0] when this runs as a script
 import llama_cpp
 import torch
 
+from llamakit.checkpoint import load_checkpoint
 from llamakit.checkpoint.hf import config_to_hf
-from llamakit.generate import SamplingParams, generate, prefill
+from llamakit.generate import SamplingParams, Speculation, generate, prefill
 from llamakit.generate.compiled import CompiledDecode
 from llamakit.generate.decode import prepare_for_decoding
+from llamakit.generate.engine import decode_one
 from llamakit.model import KVCache, ModelConfig, Transformer, resolve_dtype
 from llamakit.model.llama import TiedHead
-from llamakit.model.quantize import quantize
+from llamakit.model.quantize import Int4Linear, Int8Linear, quantize
 
 CONFIGS = {  # ~260K, ~15M and ~110M: the tinyllamas shapes; ~1B: TinyLlama-1.1B's shape (GQA, 32k vocabulary)
     "260k": ModelConfig.from_preset("stories260k"),
@@ -245,6 +248,8 @@ def pair_rows(name: str, dtype_name: str, args, bandwidth: float, results: dict,
         theirs_s[batch] = r["transformers_s"]
     if args.compile:
         compiled_rows(name, dtype_name, ours, args, bandwidth, results)
+    if args.profile:
+        profile_line(name, dtype_name, ours, results)
     r = prefill_pair(ours, theirs, args.repeats)
     record(results, name, dtype_name, None, cpp, **r)
     prefill_row(name, dtype_name, r["llamakit_s"], r["transformers_s"], cpp)
@@ -266,9 +271,101 @@ def quantized_rows(name: str, kind: str, ours: Transformer, theirs_s: dict, args
         decode_row(name, label, batch, seconds, theirs_s.get(batch), args.new_tokens, step_bytes, bandwidth, "-", cpp)
         record(results, name, label, batch, cpp, weight_bytes_per_step=step_bytes, llamakit_s=seconds,
                transformers_fp32_s=theirs_s.get(batch))
+    if args.profile:
+        profile_line(name, label, model, results)
     seconds = prefill_ours(model, args.repeats)
     record(results, name, label, None, cpp, llamakit_s=seconds, transformers_fp32_s=theirs_s.get("prefill"))
     prefill_row(name, label, seconds, theirs_s.get("prefill"), cpp)
+
+
+WEIGHT_PRODUCTS = (torch.nn.Linear, TiedHead, Int8Linear, Int4Linear)
+
+
+@torch.inference_mode()
+def profile_step(model: Transformer, steps: int = 32) -> dict:
+    """Where a batch-1 decode step's time goes: the weight products (every linear layer and the head, timed by
+    hooks, which add ~2 us each) and everything else (attention, norms, RoPE, the cache, argmax, Python)."""
+    spent, started = [0.0], [0.0]
+
+    def before(module, args):
+        started[0] = time.perf_counter()
+
+    def after(module, args, output):
+        spent[0] += time.perf_counter() - started[0]
+
+    handles = [h for m in model.modules() if isinstance(m, WEIGHT_PRODUCTS)
+               for h in (m.register_forward_pre_hook(before), m.register_forward_hook(after))]
+    try:
+        cache = KVCache.for_model(model, 1, PROMPT_LEN + 2 * steps + 1)
+        token = prefill(model, cache, 0, random_prompts(model.config, 1)[0].tolist()).argmax()[None]
+        for _ in range(steps // 2):  # warm-up
+            token = decode_one(model, cache, [0], token).argmax(-1)
+        spent[0], start = 0.0, time.perf_counter()
+        for _ in range(steps):
+            token = decode_one(model, cache, [0], token).argmax(-1)
+        total = time.perf_counter() - start
+    finally:
+        for h in handles:
+            h.remove()
+    step_bytes = weight_bytes_per_token(model)
+    return {"step_ms": 1e3 * total / steps, "products_ms": 1e3 * spent[0] / steps,
+            "products_gb_per_s": step_bytes * steps / spent[0] / 1e9}
+
+
+def profile_line(name: str, label: str, model: Transformer, results: dict) -> None:
+    p = profile_step(model)
+    results.setdefault("profile", []).append({"config": name, "dtype": label, **p})
+    print(f"  profile {name} {label}, batch 1: {p['step_ms']:.2f} ms a step = {p['products_ms']:.2f} ms in weight "
+          f"products ({p['products_gb_per_s']:.1f} GB/s) + {p['step_ms'] - p['products_ms']:.2f} ms elsewhere",
+          flush=True)
+
+
+def truncated(model: Transformer, n_layers: int) -> Transformer:
+    """A draft cut from the target: its first n_layers blocks, then its own final norm and head (self-speculation
+    by early exit; no training)."""
+    draft = Transformer(model.config.replace(n_layers=n_layers)).eval()
+    keep = {k: v for k, v in model.state_dict().items() if not k.startswith("layers.") or int(k.split(".")[1]) < n_layers}
+    draft.load_state_dict(keep)
+    return prepare_for_decoding(draft.requires_grad_(False))
+
+
+SPECULATION_PROMPTS = {  # (prompt, batch): a story opening, and a prompt that quotes itself (prompt lookup's case)
+    "story": "Once upon a time, there was a little girl named Lily. She loved to play outside.",
+    "quote": ("Tom had a red ball. Tom said, \"I like my red ball.\" Mom said, \"Tom, you like your red ball.\" "
+              "Tom said, \"I like my red ball"),
+}
+
+
+def speculation_table(args, results: dict) -> None:
+    """Speculative decoding (a draft cut from stories260K: its first 2 of 5 layers) and prompt-lookup decoding
+    against plain decoding of the real stories260K, greedy: tokens/s, speed-up, acceptance, same tokens."""
+    tiny = args.assets / "tinyllamas"
+    target, tokenizer = load_checkpoint(tiny / "stories260K.bin", tiny / "tok512.model", torch.float32, "cpu")
+    target = prepare_for_decoding(target.eval().requires_grad_(False))
+    draft = truncated(target, 2)
+    print("\n| prompt | batch | drafter | gamma | tok/s | vs plain | accepted | target forwards / token | same tokens |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    new = args.spec_tokens
+    for label, text in SPECULATION_PROMPTS.items():
+        for batch in (1, 4):
+            prompts = [tokenizer.encode(text, bos=True)] * batch
+            run_plain = functools.partial(generate, target, None, prompts, new, GREEDY, stop_ids=frozenset())
+            plain, plain_s = run_plain(), median_seconds(run_plain, args.repeats)
+            print(f"| {label} | {batch} | none | - | {batch * new / plain_s:.0f} | 1.00x | - | 1.00 | - |", flush=True)
+            for drafter, model, gamma in (("2-layer draft", draft, 4), ("2-layer draft", draft, 2),
+                                          ("prompt lookup", None, 4)):
+                spec = Speculation(target, model, gamma)
+                run = functools.partial(spec.generate, None, prompts, new, GREEDY, stop_ids=frozenset())
+                ours = run()
+                s, same = spec.stats, [c.tokens for c in ours] == [c.tokens for c in plain]
+                rate, forwards = s.acceptance_rate, s.target_forwards / new  # one call's stats, before timing
+                seconds = median_seconds(run, args.repeats)
+                print(f"| {label} | {batch} | {drafter} | {gamma} | {batch * new / seconds:.0f} | "
+                      f"{plain_s / seconds:.2f}x | {rate:.0%} | {forwards:.2f} | {same} |", flush=True)
+                results.setdefault("speculation", []).append(
+                    {"prompt": label, "batch": batch, "drafter": drafter, "gamma": gamma, "plain_s": plain_s,
+                     "seconds": seconds, "acceptance_rate": rate, "target_forwards_per_token": forwards,
+                     "same_tokens": same})
 
 
 def find_llama_cpp(args) -> tuple[dict, str]:
@@ -327,12 +424,15 @@ def main() -> None:
     p.add_argument("--ppl-ctx", type=int, default=512, help="perplexity chunk length, tokens")
     p.add_argument("--output", help="write all figures as JSON")
     p.add_argument("--compile", action="store_true", help="add llamakit rows decoding with the torch.compile'd step")
+    p.add_argument("--profile", action="store_true", help="split each type's batch-1 step: weight products vs the rest")
+    p.add_argument("--speculation", action="store_true", help="speculative and prompt-lookup decoding on stories260K")
+    p.add_argument("--spec-tokens", type=int, default=200, help="tokens per row in the speculation section")
     args = p.parse_args()
 
     stories = args.assets / "tinyllamas" / "stories260K.bin"
-    if args.quality and not stories.is_file():
-        raise SystemExit(f"error: --quality needs {stories} (and tok512.model, corpus/tinyshakespeare_input.txt "
-                         "beside it); point --assets at the shared assets folder")
+    if (args.quality or args.speculation) and not stories.is_file():
+        raise SystemExit(f"error: --quality and --speculation need {stories} (and tok512.model, "
+                         "corpus/tinyshakespeare_input.txt beside it); point --assets at the shared assets folder")
     torch.set_num_threads(args.threads)
     bins, note = find_llama_cpp(args)
     results = {"threads": args.threads, "llama_cpp": note, "decode": [], "prefill": []}
@@ -346,6 +446,8 @@ def main() -> None:
             runner = (decode_llama_cpp.LlamaCpp(bins, args.threads, args.repeats, Path(tmp))
                       if "llama-bench" in bins else None)
             speed_table(args, bandwidth, runner, results)
+        if args.speculation:
+            speculation_table(args, results)
         if args.quality:
             kinds = [k for k in args.quantize.split(",") if k]
             results["quality"] = decode_llama_cpp.quality(args.assets, bins, kinds, args.group_size, args.ppl_chars,

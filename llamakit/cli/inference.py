@@ -218,7 +218,8 @@ def compiled_decode(args: argparse.Namespace, model):
 
 def add_compile_option(p: argparse.ArgumentParser) -> None:
     p.add_argument("--compile", action="store_true", help="decode with a torch.compile'd step (static shapes): the "
-                   "first token of each batch size waits for a compile (seconds to a minute), later steps run faster")
+                   "first token of each batch size waits for a compile (seconds to a minute), later steps run faster; with "
+                   "--draft-checkpoint, the draft model's step is the one compiled")
 
 
 def load_speculation(args: argparse.Namespace, model, tokenizer):
@@ -235,8 +236,9 @@ def load_speculation(args: argparse.Namespace, model, tokenizer):
             raise LlamakitError("--speculate and --draft-tokenizer need --draft-checkpoint (or --prompt-lookup)")
         return None
     gamma = 4 if args.speculate is None else args.speculate
+    compile = getattr(args, "compile", False)
     if not args.draft_checkpoint:
-        return Speculation(model, None, gamma, args.max_ngram)
+        return Speculation(model, None, gamma, args.max_ngram, compile=compile)
     device = model.embed_tokens.weight.device
     draft, draft_tokenizer = load_checkpoint(args.draft_checkpoint, args.draft_tokenizer or args.tokenizer,
                                              args.dtype or default_dtype(device), device)
@@ -246,7 +248,7 @@ def load_speculation(args: argparse.Namespace, model, tokenizer):
         raise LlamakitError(f"the draft's tokenizer ({draft_tokenizer.vocab_size} tokens) is not the target's "
                             f"({tokenizer.vocab_size} tokens); give a draft trained with the target's tokenizer, "
                             "or its tokenizer with --draft-tokenizer")
-    return Speculation(model, prepare_for_decoding(draft.eval()), gamma)
+    return Speculation(model, prepare_for_decoding(draft.eval()), gamma, compile=compile)
 
 
 def add_speculation_options(p: argparse.ArgumentParser) -> None:

@@ -25,6 +25,7 @@ from collections.abc import Sequence
 import torch
 
 from llamakit.errors import LlamakitError
+from llamakit.generate.cpu_linear import decode_threads
 from llamakit.model import KVCache, Transformer
 
 log = logging.getLogger(__name__)
@@ -132,7 +133,8 @@ class CompiledDecode:
         if device.type == "cuda":  # CUDA graphs keep the cache in place only if its address is static
             torch._dynamo.mark_static_address(cache.k)
             torch._dynamo.mark_static_address(cache.v)
-        logits = self._step(device)(model, cache.k, cache.v, padded, positions, valid)
+        with decode_threads(model, B):  # one row through OpenBLAS (cpu_linear): torch on one thread, compile too
+            logits = self._step(device)(model, cache.k, cache.v, padded, positions, valid)
         cache.append(slots, 1)
         return logits.index_select(0, index)  # (F, V): a copy, so a CUDA graph's next replay cannot overwrite it
 

@@ -13,6 +13,7 @@ from functools import partial
 import torch
 
 from llamakit.errors import LlamakitError
+from llamakit.generate import cpu_linear
 from llamakit.generate.compiled import CompiledDecode
 from llamakit.generate.engine import Decoder
 from llamakit.generate.sampling import SamplingParams
@@ -65,13 +66,17 @@ def check_context(window: int, trained: int, setting: str, override: str, extend
 
 @torch.no_grad()
 def prepare_for_decoding(model: Transformer) -> Transformer:
-    """Store fp32 CPU weight matrices column-major (same values, same shapes, new strides).
+    """Give fp32 CPU weight matrices the kernels and layout that run inference fastest on this machine (same
+    values, same shapes, same state dict): OpenBLAS and oneDNN with row-major weights where they win
+    (generate/cpu_linear.py), else MKL with the weights column-major.
 
-    A decode step multiplies one row per sequence by each matrix. On CPU, MKL streams a weight
-    stored as (in, out) nearly twice as fast as PyTorch's usual (out, in) layout for such skinny
-    products (benchmarks/decode.py), so this brings decoding close to the memory-bandwidth bound.
-    bf16/fp16 and GPU kernels gain nothing from it, so other weights are left alone.
+    A decode step multiplies one row per sequence by each matrix, bound by how fast the kernel streams the
+    weights. MKL streams a weight stored as (in, out) nearly twice as fast as torch's usual (out, in) layout
+    for such skinny products; OpenBLAS streams (out, in) faster still on the AMD machines we measure.
+    bf16/fp16 and GPU kernels gain nothing from either, so other weights are left alone.
     """
+    if cpu_linear.use_rowwise():
+        return cpu_linear.route_rowwise(model)
     # A tied embedding is also the output matrix, the largest of all; looking up one of its rows
     # column-major costs a strided gather of `dim` values, which is negligible.
     tied = [model.embed_tokens] if model.config.tie_word_embeddings else []

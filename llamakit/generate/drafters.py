@@ -6,8 +6,9 @@ each drafted token). Rows are named by their index in the batch, so a drafter th
 KV cache slot) can keep it across steps and free it with `release` when the row finishes.
 
 `ModelDrafter` samples a smaller model with the same vocabulary, every drafting row in one forward per drafted
-position; `PromptLookupDrafter` is Saxena's prompt-lookup decoding (the tokens that followed the last n-gram
-where it occurred earlier in the row's prompt or output).
+position (with the compiled decode step of generate/compiled.py if given: drafting is many one-token steps);
+`PromptLookupDrafter` is Saxena's prompt-lookup decoding (the tokens that followed the last n-gram where it
+occurred earlier in the row's prompt or output).
 """
 
 from __future__ import annotations
@@ -19,7 +20,8 @@ from typing import Protocol
 import torch
 
 from llamakit.errors import LlamakitError
-from llamakit.generate.engine import append_rows, decode_one, prefill_batch
+from llamakit.generate.compiled import CompiledDecode
+from llamakit.generate.engine import DecodeStep, append_rows, decode_one, prefill_batch
 from llamakit.generate.sampling import RowParams, SamplingParams, draw, probs
 from llamakit.model import KVCache, Transformer
 from llamakit.tokenizer.chat import common_prefix
@@ -51,8 +53,8 @@ class ModelDrafter:
     its own slot of the draft's KV cache (taken at the row's first draft); all rows draft in one forward per
     drafted position."""
 
-    def __init__(self, model: Transformer, cache: KVCache):
-        self.model, self.cache = model, cache
+    def __init__(self, model: Transformer, cache: KVCache, step: DecodeStep = decode_one):
+        self.model, self.cache, self.step = model, cache, step
         self.slots: dict[int, int] = {}  # row -> its slot in the draft's cache
         self.fed: dict[int, list[int]] = {}  # row -> the tokens in that slot, in order
 
@@ -78,7 +80,7 @@ class ModelDrafter:
                 break
             going = [going[j] for j in more]
             fed = torch.tensor([picked[j] for j in more], device=p.device)  # (G',)
-            logits = decode_one(self.model, self.cache, [slots[a] for a in going], fed)  # (G', V)
+            logits = self.step(self.model, self.cache, [slots[a] for a in going], fed)  # (G', V)
             for a, token in zip(going, fed.tolist()):
                 self.fed[rows[drafting[a]]].append(token)
         for a, i in enumerate(drafting):
@@ -149,11 +151,14 @@ class PromptLookupDrafter:
         pass
 
 
-def model_drafter(draft: Transformer, target: Transformer, max_seq_len: int, max_slots: int = 1) -> ModelDrafter:
-    """A ModelDrafter with a cache of max_slots rows of max_seq_len positions; refuses a draft with another
-    vocabulary."""
+def model_drafter(draft: Transformer, target: Transformer, max_seq_len: int, max_slots: int = 1,
+                  compiled: CompiledDecode | None = None) -> ModelDrafter:
+    """A ModelDrafter with a cache of (at least) max_slots rows of max_seq_len positions, drafting with the
+    `compiled` step of the draft if given; refuses a draft with another vocabulary."""
     check_vocabulary(draft, target)
-    return ModelDrafter(draft, KVCache.for_model(draft, max_slots, max_seq_len))
+    if compiled is None:
+        return ModelDrafter(draft, KVCache.for_model(draft, max_slots, max_seq_len))
+    return ModelDrafter(draft, compiled.cache(max_slots, max_seq_len), compiled)
 
 
 def check_vocabulary(draft: Transformer, target: Transformer) -> None:

@@ -23,6 +23,7 @@ from numbers import Integral
 import torch
 
 from llamakit.errors import LlamakitError
+from llamakit.generate.compiled import CompiledDecode
 from llamakit.generate.decode import Completion, RowOutput, check_prompts
 from llamakit.generate.drafters import (
     Drafter,
@@ -224,13 +225,20 @@ def speculative_generate(target: Transformer, tokenizer: Tokenizer | None,
 class Speculation:
     """Speculative decoding for a run of calls (a CLI command, a chat): a fresh drafter for each, stats summed.
 
-    draft None drafts by prompt lookup (n-grams up to max_ngram); else the draft model drafts.
+    draft None drafts by prompt lookup (n-grams up to max_ngram); else the draft model drafts, with its decode
+    step torch.compile'd if `compile` (generate/compiled.py; the target verifies several tokens per forward,
+    eager).
     """
 
-    def __init__(self, target: Transformer, draft: Transformer | None = None, gamma: int = 4, max_ngram: int = 3):
+    def __init__(self, target: Transformer, draft: Transformer | None = None, gamma: int = 4, max_ngram: int = 3,
+                 compile: bool = False):
         if draft is not None:
             check_vocabulary(draft, target)
+        elif compile:
+            raise LlamakitError("compiling speculative decoding compiles the draft model's decode step, and prompt "
+                                "lookup has none: leave out --compile (compile=True) or draft with a model")
         self.target, self.draft, self.gamma, self.max_ngram = target, draft, gamma, max_ngram
+        self.compiled = CompiledDecode(draft) if compile else None
         self.stats = SpeculativeStats()
 
     def stream(self, tokenizer: Tokenizer | None, prompt: Sequence[int], max_new_tokens: int, params: SamplingParams,
@@ -256,7 +264,8 @@ class Speculation:
         if self.draft is None:
             return PromptLookupDrafter(self.max_ngram)
         longest = max((len(p) + b for p, b in zip(prompts, budgets)), default=1)
-        return model_drafter(self.draft, self.target, longest + self.gamma + 1, max_slots=max(len(prompts), 1))
+        return model_drafter(self.draft, self.target, longest + self.gamma + 1, max_slots=max(len(prompts), 1),
+                             compiled=self.compiled)
 
     def summary(self) -> str:
         s = self.stats

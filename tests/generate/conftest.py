@@ -8,6 +8,7 @@ import torch
 
 from llamakit import ModelConfig, Transformer
 from llamakit.checkpoint import load_checkpoint
+from llamakit.generate import cpu_linear
 
 TINY = ModelConfig(dim=16, n_layers=1, n_heads=2, vocab_size=8, multiple_of=16, max_seq_len=32)
 
@@ -15,6 +16,17 @@ TINY = ModelConfig(dim=16, n_layers=1, n_heads=2, vocab_size=8, multiple_of=16, 
 @pytest.fixture(scope="module", autouse=True)
 def _one_thread(one_thread):
     """Every generation test module: the shared one-thread fixture of tests/conftest.py."""
+
+
+@pytest.fixture
+def cpu_kernel(monkeypatch):
+    """Pick the CPU inference kernels (generate/cpu_linear.py) for one test: cpu_kernel("rowwise") or "mkl"."""
+    def choose(kernel: str) -> None:
+        monkeypatch.setenv(cpu_linear.ENV, kernel)
+        cpu_linear.use_rowwise.cache_clear()
+
+    yield choose
+    cpu_linear.use_rowwise.cache_clear()  # the next test times the kernels (or reads the variable) again
 
 
 def random_model(config, seed, scale=1.0):

@@ -156,9 +156,12 @@ def test_kv_cache_overflow_is_a_clear_error(model):
         model(torch.tensor([[1] * 10]), cache)
 
 
-def test_decoding_layout_keeps_values_outputs_and_saving(model, tmp_path):
+def test_decoding_layout_keeps_values_outputs_and_saving(model, tmp_path, cpu_kernel):
+    """The MKL layout (the OpenBLAS/oneDNN one: test_cpu_linear.py)."""
     from llamakit import load_model, save_model
     from llamakit.generate import prepare_for_decoding
+
+    cpu_kernel("mkl")
 
     torch.manual_seed(1)
     fresh = Transformer(CONFIG.replace(tie_word_embeddings=True)).eval()

@@ -56,6 +56,19 @@ def test_greedy_equals_target_greedy(stories, small_draft, noisy_draft, kind):
         assert min(rates) > 0 and max(rates) < 1
 
 
+def test_compiled_draft_equals_target_greedy(stories, noisy_draft):
+    """The draft's one-token steps run on the compiled decode step (speculation composes with it)."""
+    target, tok = stories
+    prompt = tok.encode("Once upon a time, there was a little cat. The little", bos=True)
+    [plain] = generate(target, tok, [prompt], 30, GREEDY, stop_ids=frozenset())
+    spec = Speculation(target, noisy_draft, 3, compile=True)
+    [ours] = spec.generate(tok, [prompt], 30, GREEDY, stop_ids=frozenset())
+    assert ours.tokens == plain.tokens
+    assert 0 < spec.stats.acceptance_rate < 1 and spec.compiled._compiled  # the draft stepped compiled
+    with pytest.raises(LlamakitError, match="prompt lookup has none: leave out --compile"):
+        Speculation(target, None, compile=True)
+
+
 def test_stop_token_and_budget_inside_accepted_run(stories):
     target, tok = stories
     prompt = tok.encode("Once upon a time, there was a little girl.", bos=True)
