@@ -4,11 +4,12 @@ A decode step multiplies one row per sequence by every weight matrix, so its spe
 streams the weights from memory. On the AMD EPYC machines we measure (2 threads), torch's MKL reads 17-21 GB/s
 in such products, weights row- or column-major, while the OpenBLAS that numpy bundles reads 40-57 GB/s, what a
 plain sum() reaches; and for 2 to 512 rows oneDNN (`torch.ops.mkldnn._linear_pointwise`, which inductor uses)
-is 1.5-2x faster than MKL. On Intel machines MKL with column-major weights was the fast one. So `use_rowwise()`
-times OpenBLAS against MKL once per process, on a matrix larger than the caches, and `prepare_for_decoding`
-acts on the answer: either every fp32 CPU linear layer and a tied head become `CpuLinear`/`CpuTiedHead` (same
-weights, same state dict, row-major), which send one row to OpenBLAS and more rows to oneDNN outside autograd,
-or the weights turn column-major for MKL. LLAMAKIT_CPU_LINEAR=rowwise|mkl skips the timing.
+is 1.5-2x faster than MKL. Both cost ~4-10 us a call more than MKL, so weights under SMALL_BYTES stay with
+F.linear. On Intel machines MKL with column-major weights was the fast one. So `use_rowwise()` times OpenBLAS
+against MKL once per process, on a matrix larger than the caches, and `prepare_for_decoding` acts on the
+answer: either every fp32 CPU linear layer and a tied head become `CpuLinear`/`CpuTiedHead` (same weights,
+same state dict, row-major), which send one row to OpenBLAS and more rows to oneDNN outside autograd, or the
+weights turn column-major for MKL. LLAMAKIT_CPU_LINEAR=rowwise|mkl skips the timing.
 
 Two thread pools on two cores fight: torch's OpenMP workers spin after each parallel region while OpenBLAS's
 want the same cores (a 110M model decoded 5x slower). So a forward of one token runs torch on one thread and
@@ -39,6 +40,7 @@ from llamakit.model.llama import TiedHead, Transformer
 log = logging.getLogger(__name__)
 
 ENV = "LLAMAKIT_CPU_LINEAR"
+SMALL_BYTES = 1 << 20  # weights below this stay with F.linear: OpenBLAS and oneDNN cost ~4-10 us more a call
 PROBE_SHAPE = (4096, 4096)  # 64 MiB of fp32: beyond the last-level cache, as a model's weights are
 
 
@@ -64,9 +66,9 @@ def _(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """F.linear (bias-free) for a row-major fp32 CPU weight through `_product`, or F.linear where autograd must
-    see it."""
-    if (x.dtype != torch.float32 or x.device.type != "cpu"
+    """F.linear (bias-free) for a row-major fp32 CPU weight through `_product`, or F.linear for a small weight and
+    where autograd must see it."""
+    if (x.dtype != torch.float32 or x.device.type != "cpu" or weight.numel() * 4 < SMALL_BYTES
             or (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))):
         return F.linear(x, weight)
     if torch.compiler.is_compiling():

@@ -17,6 +17,12 @@ GREEDY = SamplingParams(temperature=0)
 CONFIG = ModelConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=512, multiple_of=16, max_seq_len=64)
 
 
+@pytest.fixture
+def every_product(monkeypatch):
+    """Send even a small model's products to OpenBLAS/oneDNN (normally only weights of SMALL_BYTES or more)."""
+    monkeypatch.setattr(cpu_linear, "SMALL_BYTES", 0)
+
+
 def decisive(tied: bool) -> Transformer:
     """A small model whose greedy choices are far from ties, so any two correct kernels pick the same tokens."""
     torch.manual_seed(0)
@@ -28,15 +34,18 @@ def decisive(tied: bool) -> Transformer:
     return model
 
 
-@pytest.mark.parametrize("shape", [(1, 96), (1, 1, 96), (3, 96), (2, 5, 96), (300, 96)])
+@pytest.mark.parametrize("shape", [(1, 288), (1, 1, 288), (3, 288), (2, 5, 288), (300, 288)])
 @pytest.mark.parametrize("mode", [torch.inference_mode, torch.no_grad])
 def test_products_match_f_linear(shape, mode):
     torch.manual_seed(0)
-    weight, x = torch.randn(200, 96), torch.randn(shape)
+    weight, x = torch.randn(1024, 288), torch.randn(shape)  # 1.2 MB: past SMALL_BYTES
     with mode():
         ours = cpu_linear.linear(x, weight)
-    assert ours.shape == (*shape[:-1], 200) and ours.dtype == torch.float32
-    torch.testing.assert_close(ours, F.linear(x, weight), rtol=1e-5, atol=1e-5)  # fp32 sums in another order
+    assert ours.shape == (*shape[:-1], 1024) and ours.dtype == torch.float32
+    torch.testing.assert_close(ours, F.linear(x, weight), rtol=1e-5, atol=1e-4)  # fp32 sums in another order
+    small = weight[:512]  # 0.6 MB: F.linear's own result
+    with mode():
+        assert torch.equal(cpu_linear.linear(x, small), F.linear(x, small))
 
 
 def test_autograd_goes_through_f_linear():
@@ -52,7 +61,7 @@ def test_autograd_goes_through_f_linear():
 
 
 @pytest.mark.parametrize("tied", [True, False])
-def test_rowwise_keeps_values_outputs_and_saving(cpu_kernel, tmp_path, tied):
+def test_rowwise_keeps_values_outputs_and_saving(cpu_kernel, every_product, tmp_path, tied):
     cpu_kernel("rowwise")
     model = decisive(tied)
     prompts = [[1, 5, 9, 33, 7], [1, 400]]
@@ -87,7 +96,7 @@ def _openblas_threads() -> set[int]:
     return {lib["num_threads"] for lib in threadpool_info() if lib["internal_api"] == "openblas"}
 
 
-def test_torch_runs_one_thread_in_a_one_token_forward_only(cpu_kernel):
+def test_torch_runs_one_thread_in_a_one_token_forward_only(cpu_kernel, every_product):
     cpu_kernel("rowwise")
     model = prepare_for_decoding(decisive(tied=True))
     seen = []
@@ -110,7 +119,7 @@ def test_torch_runs_one_thread_in_a_one_token_forward_only(cpu_kernel):
         torch.set_num_threads(threads)
 
 
-def test_compiled_step_matches_eager(cpu_kernel):
+def test_compiled_step_matches_eager(cpu_kernel, every_product):
     cpu_kernel("rowwise")
     model = prepare_for_decoding(decisive(tied=True))
     prompts = [[1, 5, 9, 33, 7]]
