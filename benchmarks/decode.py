@@ -55,7 +55,7 @@ import torch
 
 from llamakit.checkpoint import load_checkpoint
 from llamakit.checkpoint.hf import config_to_hf
-from llamakit.generate import SamplingParams, Speculation, generate, prefill
+from llamakit.generate import SamplingParams, Speculation, cpu_linear, generate, prefill
 from llamakit.generate.compiled import CompiledDecode
 from llamakit.generate.decode import prepare_for_decoding
 from llamakit.generate.engine import decode_one
@@ -466,8 +466,10 @@ def main() -> None:
         if args.configs:
             bandwidth = measure_bandwidth()
             results["bandwidth_bytes_per_s"] = bandwidth
+            kernels = "OpenBLAS (1 row) and oneDNN" if cpu_linear.use_rowwise() else "MKL, weights column-major"
             print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, measured read bandwidth "
-                  f"{bandwidth / 1e9:.1f} GB/s\n")
+                  f"{bandwidth / 1e9:.1f} GB/s; llamakit's fp32 CPU products: {kernels}\n")
+            results["cpu_linear"] = kernels
             runner = (decode_llama_cpp.LlamaCpp(bins, args.threads, args.repeats, Path(tmp))
                       if "llama-bench" in bins else None)
             speed_table(args, bandwidth, runner, results)

@@ -30,6 +30,7 @@ from llamakit.model import KVCache, Transformer
 
 log = logging.getLogger(__name__)
 
+RECOMPILE_LIMIT = 256  # compiled graphs of _static_step a process may hold (see CompiledDecode._step)
 SEQ_MULTIPLE = 256  # static_cache rounds max_seq_len up to a multiple of this: few shapes, little waste
 
 
@@ -160,6 +161,12 @@ class CompiledDecode:
 
     def _step(self, device: torch.device):
         if device.type not in self._compiled:
+            # dynamo keeps one entry per bucket and cache shape for the one _static_step code object, shared by
+            # every CompiledDecode in the process (models, drafts, configs): its default limit of 8 fails a
+            # server with many buckets, or a process that compiles several models.
+            limits = torch._dynamo.config
+            limits.recompile_limit = max(limits.recompile_limit, RECOMPILE_LIMIT)
+            limits.accumulated_recompile_limit = max(limits.accumulated_recompile_limit, RECOMPILE_LIMIT)
             mode = self.mode or ("reduce-overhead" if device.type == "cuda" else None)
             options = {"cpp_wrapper": True} if mode is None and device.type == "cpu" else None
             self._compiled[device.type] = torch.compile(_static_step, dynamic=False, fullgraph=True, mode=mode,

@@ -24,7 +24,6 @@ import contextlib
 import functools
 import logging
 import os
-import statistics
 import time
 import weakref
 from collections.abc import Iterator
@@ -40,7 +39,7 @@ from llamakit.model.llama import TiedHead, Transformer
 log = logging.getLogger(__name__)
 
 ENV = "LLAMAKIT_CPU_LINEAR"
-SMALL_BYTES = 1 << 20  # weights below this stay with F.linear: OpenBLAS and oneDNN cost ~4-10 us more a call
+SMALL_BYTES = 1 << 18  # weights below this stay with F.linear: OpenBLAS and oneDNN cost ~4-10 us more a call
 PROBE_SHAPE = (4096, 4096)  # 64 MiB of fp32: beyond the last-level cache, as a model's weights are
 
 
@@ -115,7 +114,8 @@ def blas_threads() -> Iterator[None]:
 @functools.cache
 def use_rowwise() -> bool:
     """Whether OpenBLAS multiplies a row by a large fp32 matrix faster than MKL does with the matrix column-major
-    (its best layout), timed once per process (about 0.1 s), unless LLAMAKIT_CPU_LINEAR says which."""
+    (its best layout), timed once per process (about 0.1 s, the first time a model is prepared for decoding),
+    unless LLAMAKIT_CPU_LINEAR says which."""
     choice = os.environ.get(ENV, "").strip().lower()
     if choice in ("rowwise", "mkl"):
         return choice == "rowwise"
@@ -129,21 +129,21 @@ def use_rowwise() -> bool:
     x = torch.full((1, PROBE_SHAPE[1]), 0.25)
 
     def seconds(fn) -> float:
+        start = time.perf_counter()
         fn()
-        times = []
-        for _ in range(7):
-            start = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - start)
-        return statistics.median(times)
+        return time.perf_counter() - start
 
-    with blas_threads():
-        blas = seconds(lambda: _product(x, weight))
-    mkl = seconds(lambda: F.linear(x, column_major))
+    def blas() -> float:
+        with blas_threads():
+            return seconds(lambda: _product(x, weight))
+
+    # Alternating, best of 9 each: another process busy for a moment slows both or neither.
+    times = [(blas(), seconds(lambda: F.linear(x, column_major))) for _ in range(9)]
+    best_blas, best_mkl = min(t[0] for t in times), min(t[1] for t in times)
     gb = weight.numel() * 4 / 1e9
-    log.info("CPU matrix-vector product: OpenBLAS %.1f GB/s, MKL %.1f GB/s; inference uses %s", gb / blas, gb / mkl,
-             "OpenBLAS and oneDNN" if blas < mkl else "MKL")
-    return blas < mkl
+    log.info("CPU matrix-vector product: OpenBLAS %.1f GB/s, MKL %.1f GB/s; inference uses %s", gb / best_blas,
+             gb / best_mkl, "OpenBLAS and oneDNN" if best_blas < best_mkl else "MKL")
+    return best_blas < best_mkl
 
 
 _HOOKED: weakref.WeakKeyDictionary[Transformer, _ThreadHooks] = weakref.WeakKeyDictionary()

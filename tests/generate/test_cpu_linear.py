@@ -43,7 +43,7 @@ def test_products_match_f_linear(shape, mode):
         ours = cpu_linear.linear(x, weight)
     assert ours.shape == (*shape[:-1], 1024) and ours.dtype == torch.float32
     torch.testing.assert_close(ours, F.linear(x, weight), rtol=1e-5, atol=1e-4)  # fp32 sums in another order
-    small = weight[:512]  # 0.6 MB: F.linear's own result
+    small = weight[:128]  # 0.15 MB: F.linear's own result
     with mode():
         assert torch.equal(cpu_linear.linear(x, small), F.linear(x, small))
 
