@@ -6,9 +6,11 @@ bound; with --quality, greedy text and perplexity of each weight type next to ll
                                 [--llama-cpp | --no-llama-cpp] [--assets ../shared/assets]
                                 [--quality] [--ppl-chars 100000] [--ppl-ctx 512]
                                 [--new-tokens 128] [--repeats 3] [--output results.json]
+                                [--profile] [--speculation [--spec-tokens 200]]
 
 Both libraries run the same random weights in the same process (llamakit after `prepare_for_decoding`,
-which its entry points apply: fp32 CPU matrices stored column-major; transformers as it loads), greedy,
+which its entry points apply: fp32 CPU products through the kernels generate/cpu_linear.py picks on this
+machine, named in the header; transformers as it loads), greedy,
 for exactly --new-tokens tokens after a 16-token prompt; the figure is the median over --repeats runs
 after a warm-up. Decoding one token reads every weight once (the embedding table excepted: one row),
 so tokens/s can be at most bandwidth / weight bytes per step; the bandwidth is measured here, as the
@@ -28,6 +30,14 @@ needs): fp32 -> f32, bf16 -> bf16, and int8 -> Q8_0, int4 -> Q4_0, which the wri
 threads, just before llamakit's rows of the same type, so the two alternate within one run; `vs llama.cpp` is
 llamakit's tokens/s over llama.cpp's. Details in decode_llama_cpp.py. Everything runs on --threads threads
 (torch.set_num_threads); --configs '' with --quality runs the quality section alone.
+
+--profile splits each type's batch-1 decode step into the weight products (every linear layer and the head,
+timed by hooks) and the rest, and lists torch's heaviest operators of a step (torch.profiler).
+
+--speculation runs speculative decoding on the real stories260K against plain greedy decoding of it: a draft made
+from its first layer and distilled on text it samples (~15 s), eager and on the compiled step, and prompt lookup,
+on a story prompt and one that quotes itself, batch 1 and 4: tokens/s, speed-up, acceptance rate, target forwards
+per token, and whether the tokens equal plain decoding's.
 
 --quality uses the real stories260K and tok512 from --assets: the greedy text of llama2.c's run.c test (200 tokens
 from BOS) from llamakit fp32 and each --quantize type and from llama.cpp f32/Q8_0/Q4_0, as characters equal to
@@ -308,16 +318,24 @@ def profile_step(model: Transformer, steps: int = 32) -> dict:
     finally:
         for h in handles:
             h.remove()
+    with torch.profiler.profile() as prof:  # what the rest is made of: torch's operators by self time
+        for _ in range(steps // 4):
+            token = decode_one(model, cache, [0], token).argmax(-1)
+    ops = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)[:5]
     step_bytes = weight_bytes_per_token(model)
     return {"step_ms": 1e3 * total / steps, "products_ms": 1e3 * spent[0] / steps,
-            "products_gb_per_s": step_bytes * steps / spent[0] / 1e9}
+            "products_gb_per_s": step_bytes * steps / spent[0] / 1e9,
+            "top_ops_ms": {e.key: e.self_cpu_time_total / 1e3 / (steps // 4) for e in ops},
+            "top_ops_calls": {e.key: e.count / (steps // 4) for e in ops}}
 
 
 def profile_line(name: str, label: str, model: Transformer, results: dict) -> None:
     p = profile_step(model)
     results.setdefault("profile", []).append({"config": name, "dtype": label, **p})
     print(f"  profile {name} {label}, batch 1: {p['step_ms']:.2f} ms a step = {p['products_ms']:.2f} ms in weight "
-          f"products ({p['products_gb_per_s']:.1f} GB/s) + {p['step_ms'] - p['products_ms']:.2f} ms elsewhere",
+          f"products ({p['products_gb_per_s']:.1f} GB/s) + {p['step_ms'] - p['products_ms']:.2f} ms elsewhere; "
+          "top operators a step (profiled, OpenBLAS calls not seen): "
+          + ", ".join(f"{k} {ms:.3f} ms/{p['top_ops_calls'][k]:.0f} calls" for k, ms in p["top_ops_ms"].items()),
           flush=True)
 
 
