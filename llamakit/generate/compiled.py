@@ -18,6 +18,7 @@ kernels) and 10-35% slower with a longer one (it attends over the whole cache, e
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections.abc import Sequence
@@ -31,6 +32,7 @@ from llamakit.model import KVCache, Transformer
 log = logging.getLogger(__name__)
 
 RECOMPILE_LIMIT = 256  # compiled graphs of _static_step a process may hold (see CompiledDecode._step)
+LIMIT_NAMES = ("recompile_limit", "cache_size_limit", "accumulated_recompile_limit", "accumulated_cache_size_limit")
 SEQ_MULTIPLE = 256  # static_cache rounds max_seq_len up to a multiple of this: few shapes, little waste
 
 
@@ -165,8 +167,9 @@ class CompiledDecode:
             # every CompiledDecode in the process (models, drafts, configs): its default limit of 8 fails a
             # server with many buckets, or a process that compiles several models.
             limits = torch._dynamo.config
-            limits.recompile_limit = max(limits.recompile_limit, RECOMPILE_LIMIT)
-            limits.accumulated_recompile_limit = max(limits.accumulated_recompile_limit, RECOMPILE_LIMIT)
+            for name in LIMIT_NAMES:  # names differ between torch releases; some read as aliases but refuse writes
+                with contextlib.suppress(AttributeError):
+                    setattr(limits, name, max(getattr(limits, name), RECOMPILE_LIMIT))
             mode = self.mode or ("reduce-overhead" if device.type == "cuda" else None)
             options = {"cpp_wrapper": True} if mode is None and device.type == "cpu" else None
             self._compiled[device.type] = torch.compile(_static_step, dynamic=False, fullgraph=True, mode=mode,

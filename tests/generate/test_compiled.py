@@ -100,6 +100,6 @@ def test_warm_up_compiles_ahead_and_leaves_the_cache_empty(stories, compiled):
 def test_many_buckets_and_models_fit_dynamo_limit(stories, monkeypatch):
     """Every CompiledDecode shares _static_step's code object, one dynamo entry per bucket and cache shape: a server
     with many buckets (or a process compiling several models) must not hit dynamo's default limit of 8."""
-    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 8)
+    monkeypatch.setattr(torch._dynamo.config, "cache_size_limit", 8)
     CompiledDecode(stories[0])._step(torch.device("cpu"))  # compiles lazily: nothing is compiled here
-    assert torch._dynamo.config.recompile_limit >= 256
+    assert torch._dynamo.config.cache_size_limit >= 256 and torch._dynamo.config.recompile_limit >= 256
