@@ -75,7 +75,8 @@ def prepare_for_decoding(model: Transformer) -> Transformer:
     for such skinny products; OpenBLAS streams (out, in) faster still on the AMD machines we measure.
     bf16/fp16 and GPU kernels gain nothing from either, so other weights are left alone.
     """
-    if cpu_linear.use_rowwise():
+    fp32_on_cpu = any(p.dtype == torch.float32 and p.device.type == "cpu" for p in model.parameters())
+    if fp32_on_cpu and cpu_linear.use_rowwise():  # the timing only where its answer matters (bf16, CUDA: skipped)
         return cpu_linear.route_rowwise(model)
     # A tied embedding is also the output matrix, the largest of all; looking up one of its rows
     # column-major costs a strided gather of `dim` values, which is negligible.
